@@ -1,0 +1,279 @@
+"""Model configuration: frozen dataclasses, validated at construction.
+
+Gin binds these at the edges (configs/*.gin through switchx.gin_config); nothing inside the model reads gin.
+Every check raises a ValueError that names the offending field and says how to fix it, so a bad config fails
+before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence, Union
+
+ACTIVATIONS = ("relu", "gelu", "silu", "gated-relu", "gated-gelu", "gated-silu")
+DTYPES = ("float32", "bfloat16")
+ROUTERS = ("tokens_choose", "experts_choose")
+SECOND_EXPERT_POLICIES = ("all", "random")
+DISPATCH = ("einsum", "index")
+
+# A sparse layout says which feed-forward positions of a stack are MoE layers:
+#   "none" | "all" | "every:N" (layer i sparse when i % N == N - 1, the original Switch placement)
+#   | an explicit tuple of layer indices.
+SparseLayout = Union[str, Sequence[int]]
+
+
+def _fail(owner: str, field: str, value, why: str) -> None:
+  raise ValueError(f"{owner}.{field}={value!r}: {why}")
+
+
+def sparse_layers(layout: SparseLayout, num_layers: int, field: str = "sparse layout") -> tuple[int, ...]:
+  """Indices of the sparse (MoE) feed-forward layers in a stack of `num_layers`."""
+  if isinstance(layout, str):
+    if layout == "none":
+      return ()
+    if layout == "all":
+      return tuple(range(num_layers))
+    if layout.startswith("every:"):
+      try:
+        n = int(layout.split(":", 1)[1])
+      except ValueError:
+        n = 0
+      if n < 1:
+        _fail("ModelConfig", field, layout, "'every:N' needs a whole number N >= 1, e.g. 'every:2'.")
+      return tuple(i for i in range(num_layers) if i % n == n - 1)
+    _fail("ModelConfig", field, layout,
+          "expected 'none', 'all', 'every:N' or a tuple of layer indices.")
+  indices = tuple(int(i) for i in layout)
+  bad = [i for i in indices if not 0 <= i < num_layers]
+  if bad:
+    _fail("ModelConfig", field, layout, f"layer indices {bad} are outside 0..{num_layers - 1}.")
+  if len(set(indices)) != len(indices):
+    _fail("ModelConfig", field, layout, "a layer index is listed twice.")
+  return tuple(sorted(indices))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """The sparse feed-forward layer: router, capacity, dispatch, experts and their losses."""
+
+  num_experts: int = 8
+  router: str = "tokens_choose"          # "tokens_choose" (Switch top-1, GShard top-2) or "experts_choose"
+  top_k: int = 1                         # experts per token (tokens_choose)
+  second_expert_policy: str = "all"      # "all" or "random" (GShard: keep with prob min(1, g2 / threshold))
+  second_expert_threshold: float = 0.2
+  normalize_gates: bool = False          # renormalise the chosen experts' gates to sum to 1 (GShard top-2)
+  batch_prioritized: bool = False        # priority by router confidence instead of sequence order
+  group_size: int = 4096                 # maximum tokens per routing group (see moe.layer.group_shape)
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0      # <= 0: no token is ever dropped
+  min_capacity: int = 4
+  expert_capacity: int | None = None     # a fixed capacity that overrides the factors (transformers' style)
+  jitter_noise: float = 0.0              # multiplicative uniform noise on the router input, training only
+  dispatch: str = "einsum"               # "einsum" (one-hot masks) or "index" (gather / scatter)
+  expert_dropout_rate: float | None = None  # dropout inside experts; None: the model's dropout_rate
+  expert_d_ff: int | None = None         # hidden size of each expert; None: the model's d_ff
+  load_balance_loss_coef: float = 0.01
+  router_z_loss_coef: float = 0.0
+  num_expert_partitions: int = 1         # devices the experts are split over; groups are a multiple of it
+
+  def __post_init__(self):
+    own = "MoeConfig"
+    if self.num_experts < 1:
+      _fail(own, "num_experts", self.num_experts, "needs at least one expert.")
+    if self.router not in ROUTERS:
+      _fail(own, "router", self.router, f"unknown router; choose one of {ROUTERS}.")
+    if self.top_k < 1:
+      _fail(own, "top_k", self.top_k, "each token needs at least one expert.")
+    if self.router == "tokens_choose" and self.num_experts < self.top_k:
+      _fail(own, "num_experts", self.num_experts,
+            f"fewer experts than top_k={self.top_k}; raise num_experts or lower top_k.")
+    if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
+      _fail(own, "second_expert_policy", self.second_expert_policy,
+            f"choose one of {SECOND_EXPERT_POLICIES}.")
+    if not self.second_expert_threshold > 0:
+      _fail(own, "second_expert_threshold", self.second_expert_threshold, "must be > 0.")
+    if self.group_size < 1:
+      _fail(own, "group_size", self.group_size, "must be >= 1 token.")
+    if self.min_capacity < 0:
+      _fail(own, "min_capacity", self.min_capacity, "must be >= 0.")
+    if self.expert_capacity is not None and self.expert_capacity < 1:
+      _fail(own, "expert_capacity", self.expert_capacity,
+            "gives capacity 0, so every token would be dropped; use None (capacity from the factors) or >= 1.")
+    for name in ("train_capacity_factor", "eval_capacity_factor"):
+      if not math.isfinite(getattr(self, name)):
+        _fail(own, name, getattr(self, name), "must be a finite number (<= 0 means no dropping).")
+    if self.jitter_noise < 0 or self.jitter_noise >= 1:
+      _fail(own, "jitter_noise", self.jitter_noise, "must be in [0, 1).")
+    if self.dispatch not in DISPATCH:
+      _fail(own, "dispatch", self.dispatch, f"choose one of {DISPATCH}.")
+    if self.expert_dropout_rate is not None and not 0 <= self.expert_dropout_rate < 1:
+      _fail(own, "expert_dropout_rate", self.expert_dropout_rate, "must be in [0, 1) or None.")
+    if self.expert_d_ff is not None and self.expert_d_ff < 1:
+      _fail(own, "expert_d_ff", self.expert_d_ff, "must be >= 1 or None.")
+    if self.num_expert_partitions < 1 or self.num_experts % self.num_expert_partitions:
+      _fail(own, "num_expert_partitions", self.num_expert_partitions,
+            f"must divide num_experts={self.num_experts} (each expert shard holds a whole number of experts).")
+
+  def capacity(self, group_size: int, train: bool) -> int:
+    """Expert capacity C for a group of `group_size` tokens.
+
+    C = max(ceil(capacity_factor * k * S / E), min_capacity), capped at S (no expert can receive more than
+    the S tokens of its group). A capacity factor <= 0 means no token is ever dropped: C = S.
+    """
+    k = self.top_k if self.router == "tokens_choose" else 1
+    if self.expert_capacity is not None:
+      return min(self.expert_capacity, group_size)
+    factor = self.train_capacity_factor if train else self.eval_capacity_factor
+    if factor <= 0:
+      return group_size
+    c = max(math.ceil(factor * k * group_size / self.num_experts), self.min_capacity)
+    return max(1, min(c, group_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A T5 v1.1 encoder-decoder; some feed-forward layers may be MoE layers (see `moe` and *_sparse)."""
+
+  vocab_size: int = 32128
+  d_model: int = 512
+  num_heads: int = 6
+  head_dim: int | None = 64              # None: d_model // num_heads (must divide)
+  d_ff: int = 1024
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  activation: str = "gated-gelu"
+  dropout_rate: float = 0.0
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  logits_via_embedding: bool = False     # tied output logits (scaled by d_model ** -0.5) or a separate dense
+  init_scale: float = 0.1                # truncated normal, std = sqrt(init_scale / fan_in)
+  layer_norm_epsilon: float = 1e-6
+  dtype: str = "float32"                 # activation dtype; parameters are always float32
+  encoder_sparse: SparseLayout = "none"
+  decoder_sparse: SparseLayout = "none"
+  moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+
+  def __post_init__(self):
+    own = "ModelConfig"
+    for name in ("vocab_size", "d_model", "num_heads", "d_ff", "relative_attention_num_buckets",
+                 "relative_attention_max_distance"):
+      if getattr(self, name) < 1:
+        _fail(own, name, getattr(self, name), "must be >= 1.")
+    for name in ("num_encoder_layers", "num_decoder_layers"):
+      if getattr(self, name) < 0:
+        _fail(own, name, getattr(self, name), "must be >= 0.")
+    if self.head_dim is None:
+      if self.d_model % self.num_heads:
+        _fail(own, "num_heads", self.num_heads,
+              f"does not divide d_model={self.d_model}, so head_dim cannot be inferred; "
+              "set head_dim explicitly or pick num_heads dividing d_model.")
+    elif self.head_dim < 1:
+      _fail(own, "head_dim", self.head_dim, "must be >= 1 (or None to use d_model // num_heads).")
+    if self.activation not in ACTIVATIONS:
+      _fail(own, "activation", self.activation, f"unknown activation; choose one of {ACTIVATIONS}.")
+    if self.dtype not in DTYPES:
+      _fail(own, "dtype", self.dtype, f"choose one of {DTYPES}.")
+    if not 0 <= self.dropout_rate < 1:
+      _fail(own, "dropout_rate", self.dropout_rate, "must be in [0, 1).")
+    if not self.init_scale > 0:
+      _fail(own, "init_scale", self.init_scale, "must be > 0.")
+    if not isinstance(self.moe, MoeConfig):
+      _fail(own, "moe", self.moe, "must be a MoeConfig.")
+    # Normalise explicit layouts to tuples (hashable, so the frozen config stays usable as a jit static).
+    for name in ("encoder_sparse", "decoder_sparse"):
+      layout = getattr(self, name)
+      if not isinstance(layout, str):
+        object.__setattr__(self, name, tuple(int(i) for i in layout))
+    enc = sparse_layers(self.encoder_sparse, self.num_encoder_layers, "encoder_sparse")
+    dec = sparse_layers(self.decoder_sparse, self.num_decoder_layers, "decoder_sparse")
+    if dec and self.moe.router == "experts_choose":
+      _fail("MoeConfig", "router", self.moe.router,
+            "experts-choose routing lets a token's routing depend on later tokens, which breaks the decoder's "
+            "causality; use it in the encoder only (decoder_sparse='none') or use 'tokens_choose'.")
+    if dec and self.moe.batch_prioritized:
+      _fail("MoeConfig", "batch_prioritized", True,
+            "batch-prioritized routing orders tokens by router confidence across the sequence, which breaks "
+            "the decoder's causality; disable it or keep the decoder dense (decoder_sparse='none').")
+    if (enc or dec) and self.moe.router == "tokens_choose" and self.moe.num_experts < self.moe.top_k:
+      _fail("MoeConfig", "num_experts", self.moe.num_experts, f"fewer experts than top_k={self.moe.top_k}.")
+
+  # Derived sizes -------------------------------------------------------------------------------------------
+  @property
+  def kv_dim(self) -> int:
+    """Per-head dimension."""
+    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def encoder_sparse_layers(self) -> tuple[int, ...]:
+    return sparse_layers(self.encoder_sparse, self.num_encoder_layers, "encoder_sparse")
+
+  @property
+  def decoder_sparse_layers(self) -> tuple[int, ...]:
+    return sparse_layers(self.decoder_sparse, self.num_decoder_layers, "decoder_sparse")
+
+  @property
+  def is_sparse(self) -> bool:
+    return bool(self.encoder_sparse_layers or self.decoder_sparse_layers)
+
+  @property
+  def expert_dropout_rate(self) -> float:
+    rate = self.moe.expert_dropout_rate
+    return self.dropout_rate if rate is None else rate
+
+  @property
+  def expert_d_ff(self) -> int:
+    return self.moe.expert_d_ff or self.d_ff
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def check_vocab(config: ModelConfig, max_token_id: int, source: str = "the inputs") -> None:
+  """Fails early when the tokens fed to the model do not fit its vocabulary."""
+  if max_token_id >= config.vocab_size:
+    _fail("ModelConfig", "vocab_size", config.vocab_size,
+          f"{source} contain token id {max_token_id}; raise vocab_size to at least {max_token_id + 1} "
+          "(or use the tokenizer the model was built for).")
+
+
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("constant", "constant_then_rsqrt", "warmup_cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and the training loop. Defaults follow the Switch / T5 pretraining recipe."""
+
+  optimizer: str = "adafactor"            # T5's Adafactor (factored, decay 0.8, clipping 1.0) or "adamw"
+  learning_rate: float = 0.01
+  schedule: str = "constant_then_rsqrt"   # lr * sqrt(warmup / max(step, warmup)): 0.01 then 1/sqrt(step)
+  warmup_steps: int = 10_000
+  num_train_steps: int = 100_000
+  end_learning_rate_fraction: float = 0.0  # warmup_cosine decays to lr * this
+  weight_decay: float = 0.0                # adamw (decoupled)
+  adam_b1: float = 0.9
+  adam_b2: float = 0.98
+  grad_clip_norm: float = 0.0              # adamw: clip the global gradient norm when > 0
+  gradient_accumulation_steps: int = 1
+  z_loss_coef: float = 1e-4               # output-logit z-loss
+  batch_size: int = 32
+  inputs_length: int = 512
+  targets_length: int = 114
+  seed: int = 0
+
+  def __post_init__(self):
+    own = "TrainConfig"
+    if self.optimizer not in OPTIMIZERS:
+      _fail(own, "optimizer", self.optimizer, f"choose one of {OPTIMIZERS}.")
+    if self.schedule not in SCHEDULES:
+      _fail(own, "schedule", self.schedule, f"choose one of {SCHEDULES}.")
+    for name in ("learning_rate", "batch_size", "inputs_length", "targets_length", "num_train_steps",
+                 "gradient_accumulation_steps"):
+      if not getattr(self, name) > 0:
+        _fail(own, name, getattr(self, name), "must be > 0.")
+    if self.warmup_steps < 0:
+      _fail(own, "warmup_steps", self.warmup_steps, "must be >= 0.")
+    if self.batch_size % self.gradient_accumulation_steps:
+      _fail(own, "gradient_accumulation_steps", self.gradient_accumulation_steps,
+            f"must divide batch_size={self.batch_size} (each micro-batch gets the same number of rows).")

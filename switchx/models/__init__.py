@@ -1,0 +1,1 @@
+"""Models: the T5 v1.1 / Switch encoder-decoder."""

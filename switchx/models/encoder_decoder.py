@@ -1,0 +1,171 @@
+"""T5 v1.1 encoder-decoder whose feed-forward layers may be Switch / MoE layers.
+
+Legend: B batch, Le encoder length, Ld decoder length, D d_model, H heads, V vocab.
+
+    logits, moe_aux = EncoderDecoder(config).apply(
+        {"params": params}, encoder_input_tokens, decoder_input_tokens, train=False)
+
+Token id 0 is padding. Packed examples carry *_segment_ids (0 = padding, 1, 2, ... one per example in a row)
+and *_positions (restarting at 0 per example); attention never crosses segments. `moe_aux` maps each sparse
+layer's name ("encoder/layers_1", ...) to its losses and router metrics (see moe/layer.py: router_stats).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from switchx.config import ModelConfig, check_vocab
+from switchx.moe.layer import MoeLayer
+from switchx.nn.attention import MultiHeadAttention, RelativePositionBias, attention_mask, mask_to_bias
+from switchx.nn.linear import DenseGeneral, Embed
+from switchx.nn.mlp import MlpBlock
+from switchx.nn.norm import RMSNorm
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def feed_forward(cfg: ModelConfig, sparse: bool, x: jax.Array, token_mask: jax.Array, train: bool):
+  """The feed-forward slot of a layer (called inside a layer's compact method): a dense MLP ("mlp") or a
+  MoE layer ("moe"), as the config's sparse layout says. -> (y, moe aux or None)."""
+  if sparse:
+    return MoeLayer(cfg, name="moe")(x, token_mask, train)
+  mlp = MlpBlock(cfg.d_ff, cfg.activation, cfg.dropout_rate, cfg.init_scale, jnp.dtype(cfg.dtype), name="mlp")
+  return mlp(x, deterministic=not train), None
+
+
+class EncoderLayer(nn.Module):
+  config: ModelConfig
+  sparse: bool = False
+
+  @nn.compact
+  def __call__(self, x, bias, token_mask, train: bool):
+    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+    dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
+    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
+    h = MultiHeadAttention(cfg.num_heads, cfg.kv_dim, cfg.dropout_rate, cfg.init_scale, dtype,
+                           name="attention")(h, h, bias, deterministic=not train)
+    x = x + dropout(h)
+    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+    h, aux = feed_forward(cfg, self.sparse, h, token_mask, train)
+    x = x + dropout(h)
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+  sparse: bool = False
+
+  @nn.compact
+  def __call__(self, x, encoded, self_bias, cross_bias, token_mask, train: bool):
+    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+    dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
+    attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.kv_dim, cfg.dropout_rate, cfg.init_scale,
+                                                dtype, name=name)
+    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
+    x = x + dropout(attention("self_attention")(h, h, self_bias, deterministic=not train))
+    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
+    x = x + dropout(attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic=not train))
+    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+    h, aux = feed_forward(cfg, self.sparse, h, token_mask, train)
+    x = x + dropout(h)
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
+
+
+def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+  """[B|1, L] positions for the relative position bias: given ones, or 0..L-1 shared by all rows."""
+  if positions is not None:
+    return positions
+  return jnp.arange(tokens.shape[1])[None, :]
+
+
+class Encoder(nn.Module):
+  config: ModelConfig
+  embedder: Embed
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, positions=None, train: bool = False):
+    cfg = self.config
+    valid = tokens > 0                                                        # [B, Le]
+    positions = _positions(tokens, positions)
+    relpos = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                                  cfg.num_heads, bidirectional=True, name="relpos_bias")(positions, positions)
+    bias = mask_to_bias(attention_mask(valid, valid, segment_ids, segment_ids)) + relpos  # [B, H, Le, Le]
+
+    x = self.embedder(tokens)                                                 # [B, Le, D]
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    sparse, aux = set(cfg.encoder_sparse_layers), {}
+    for i in range(cfg.num_encoder_layers):
+      x, layer_aux = EncoderLayer(cfg, i in sparse, name=f"layers_{i}")(x, bias, valid, train)
+      if layer_aux is not None:
+        aux[f"encoder/layers_{i}"] = layer_aux
+    x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=not train), aux
+
+
+class Decoder(nn.Module):
+  config: ModelConfig
+  embedder: Embed
+
+  @nn.compact
+  def __call__(self, encoded, encoder_valid, tokens, target_tokens=None, segment_ids=None, positions=None,
+               encoder_segment_ids=None, train: bool = False):
+    cfg = self.config
+    # Decoder inputs start with token 0, so padding is told by segment ids or targets, not by the inputs.
+    if segment_ids is not None:
+      valid = segment_ids > 0
+    elif target_tokens is not None:
+      valid = target_tokens > 0
+    else:
+      valid = jnp.ones(tokens.shape, bool)                                    # [B, Ld]
+    positions = _positions(tokens, positions)
+    relpos = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                                  cfg.num_heads, bidirectional=False, name="relpos_bias")(positions, positions)
+    self_bias = mask_to_bias(attention_mask(valid, valid, segment_ids, segment_ids, causal=True)) + relpos
+    cross_bias = mask_to_bias(attention_mask(valid, encoder_valid, segment_ids, encoder_segment_ids))
+
+    x = self.embedder(tokens)                                                 # [B, Ld, D]
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    sparse, aux = set(cfg.decoder_sparse_layers), {}
+    for i in range(cfg.num_decoder_layers):
+      x, layer_aux = DecoderLayer(cfg, i in sparse, name=f"layers_{i}")(
+          x, encoded, self_bias, cross_bias, valid, train)
+      if layer_aux is not None:
+        aux[f"decoder/layers_{i}"] = layer_aux
+    x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+
+    if cfg.logits_via_embedding:
+      logits = self.embedder.attend(x * cfg.d_model ** -0.5)                  # tied, rescaled as in T5
+    else:
+      logits = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), init_scale=cfg.init_scale,
+                            dtype=jnp.dtype(cfg.dtype), out_dtype=jnp.float32, name="logits_dense")(x)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), aux  # [B, Ld, V] float32
+
+
+class EncoderDecoder(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, jnp.dtype(cfg.dtype))
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
+               encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, train: bool = False):
+    """-> (logits [B, Ld, V] float32, moe_aux {layer name: {metric: value}})."""
+    for name, tokens in (("encoder_input_tokens", encoder_input_tokens),
+                         ("decoder_input_tokens", decoder_input_tokens)):
+      if not isinstance(tokens, jax.core.Tracer) and tokens.size:  # concrete inputs: check them now
+        check_vocab(self.config, int(np.max(np.asarray(tokens))), name)
+    encoded, enc_aux = self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions, train)
+    logits, dec_aux = self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens,
+                                   decoder_target_tokens, decoder_segment_ids, decoder_positions,
+                                   encoder_segment_ids, train)
+    return logits, {**enc_aux, **dec_aux}

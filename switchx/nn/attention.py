@@ -1,0 +1,116 @@
+"""T5 attention: masks, relative position bias and multi-head attention (no 1/sqrt(d_head) scaling).
+
+Legend: B batch, Q query length, K key length, H heads, Dh head dim, D d_model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from switchx.nn.linear import DenseGeneral, matmul
+
+# Added to masked attention logits. Finite, so a fully masked row (a padding query) gives a uniform softmax
+# instead of NaN; real queries always have at least one visible key.
+MASK_VALUE = -1e10
+
+
+# --- masks ------------------------------------------------------------------------------------------------
+def attention_mask(q_valid: jax.Array, k_valid: jax.Array, q_segments: jax.Array | None = None,
+                   k_segments: jax.Array | None = None, causal: bool = False) -> jax.Array:
+  """Boolean mask [B, 1, Q, K]: a query sees a key when both are real tokens, in the same packed segment,
+  and (causal) the key is not in the future. Valid and segment arrays are [B, Q] / [B, K]."""
+  mask = q_valid[:, :, None] & k_valid[:, None, :]                          # [B, Q, K]
+  if q_segments is not None:
+    mask &= q_segments[:, :, None] == k_segments[:, None, :]
+  if causal:
+    q_len, k_len = q_valid.shape[1], k_valid.shape[1]
+    mask &= jnp.tril(jnp.ones((q_len, k_len), bool), k=k_len - q_len)[None]
+  return mask[:, None]                                                      # [B, 1, Q, K]
+
+
+def mask_to_bias(mask: jax.Array) -> jax.Array:
+  return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+# --- relative position bias -------------------------------------------------------------------------------
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
+  """T5's bucketing of relative_position = key_position - query_position.
+
+  Bidirectional: half the buckets for keys before the query, half for keys after. Within a half, the first
+  half of its buckets are exact distances 0..n/2-1, the rest log-spaced up to max_distance (beyond: last bucket).
+  Causal: keys after the query all fall into bucket 0 (they are masked anyway).
+  """
+  xp = jnp if isinstance(relative_position, jax.Array) else np
+  distance = -relative_position                     # > 0 when the key precedes the query
+  bucket = 0
+  if bidirectional:
+    num_buckets //= 2
+    bucket = (distance < 0).astype(np.int32) * num_buckets
+    distance = xp.abs(distance)
+  else:
+    distance = xp.maximum(distance, 0)
+  max_exact = num_buckets // 2
+  is_small = distance < max_exact
+  log_ratio = xp.log(xp.maximum(distance, 1).astype(np.float32) / max_exact) / np.log(max_distance / max_exact)
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(np.int32)
+  large = xp.minimum(large, num_buckets - 1)
+  return bucket + xp.where(is_small, distance, large).astype(np.int32)
+
+
+class RelativePositionBias(nn.Module):
+  """A learned scalar per (bucket, head), computed once per stack and shared by its layers."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """Positions [B|1, Q] and [B|1, K] -> bias [B|1, H, Q, K] (float32)."""
+    table = self.param(
+        "rel_embedding",
+        nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                                     ("heads", "relpos_buckets")),
+        (self.num_heads, self.num_buckets), jnp.float32)                     # [H, buckets]
+    relative = k_positions[:, None, :] - q_positions[:, :, None]            # [B, Q, K]
+    buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+    bias = jnp.take(table, buckets, axis=1)                                  # [H, B, Q, K]
+    return jnp.transpose(bias, (1, 0, 2, 3))                                 # [B, H, Q, K]
+
+
+# --- attention --------------------------------------------------------------------------------------------
+class MultiHeadAttention(nn.Module):
+  num_heads: int
+  head_dim: int
+  dropout_rate: float
+  init_scale: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
+               deterministic: bool) -> jax.Array:
+    """inputs_q [B, Q, D], inputs_kv [B, K, D], bias [B|1, H|1, Q, K] (mask + position) -> [B, Q, D]."""
+    d_model = inputs_q.shape[-1]
+    proj = lambda name, scale: DenseGeneral((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+                                            init_scale=scale, dtype=self.dtype, name=name)
+    # T5 does not scale logits by 1/sqrt(head_dim); the query initialisation carries that factor instead.
+    q = proj("query", self.init_scale / self.head_dim)(inputs_q)             # [B, Q, H, Dh]
+    k = proj("key", self.init_scale)(inputs_kv)                              # [B, K, H, Dh]
+    v = proj("value", self.init_scale)(inputs_kv)                            # [B, K, H, Dh]
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # [B, H, Q, K]
+    weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = matmul("bhqk,bkhd->bqhd", weights, v, self.dtype)                  # [B, Q, H, Dh]
+    out = DenseGeneral(d_model, ("heads", "kv", "embed"), num_contract=2, init_scale=self.init_scale,
+                       dtype=self.dtype, name="out")(out)                    # [B, Q, D]
+    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
