@@ -1,0 +1,1 @@
+"""Mixture-of-Experts: routers (routing.py) and the sparse feed-forward layer (layer.py)."""

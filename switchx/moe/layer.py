@@ -1,0 +1,186 @@
+"""The sparse feed-forward layer: group -> route -> dispatch -> experts -> combine, plus its losses and metrics.
+
+Legend: B batch, L length, T = B*L tokens, G groups, S tokens per group (G*S = T), E experts,
+C capacity (slots per expert per group), K experts per token, D d_model, F expert d_ff.
+
+    x [B, L, D] -> tokens [G, S, D]
+    router logits [G, S, E] in float32 (jitter only on the float32 copy used for routing)
+    decision (moe/routing.py) -> either
+      einsum: dispatch [G, S, E, C], combine [G, S, E, C];  expert inputs = einsum('gsec,gsd->egcd')
+      index:  slot_token [G, E, C], slot_gate [G, E, C];    expert inputs = gather, outputs = scatter-add
+    experts: [E, G, C, D] -> [E, G, C, D]  (weights [E, D, F], [E, F, D])
+    y [G, S, D] -> [B, L, D]; a token with no expert slot gets exactly zero (the residual carries it).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from switchx.config import ModelConfig
+from switchx.moe.routing import ExpertChoice, TokenChoice, experts_choose, tokens_choose
+from switchx.nn.linear import matmul, t5_kernel_init
+from switchx.nn.mlp import activation_fn
+
+
+def group_shape(num_tokens: int, max_group_size: int, num_partitions: int = 1) -> tuple[int, int]:
+  """(G, S): the fewest groups of at most `max_group_size` tokens that split the tokens exactly, with G a
+  multiple of `num_partitions` (so groups divide evenly over expert shards).
+
+  This is the original (flaxformer) policy: group_size is a maximum, and the effective S is the largest size
+  <= group_size that divides the token count. It is reported in each layer's metrics ("group_size").
+  """
+  if num_tokens % num_partitions:
+    raise ValueError(
+        f"{num_tokens} tokens cannot be split into routing groups over {num_partitions} expert partitions: "
+        f"make batch_size * length a multiple of {num_partitions} (MoeConfig.num_expert_partitions).")
+  num_groups = max(-(-num_tokens // max_group_size), 1)
+  while num_tokens % num_groups or num_groups % num_partitions:
+    num_groups += 1
+  return num_groups, num_tokens // num_groups
+
+
+class Experts(nn.Module):
+  """E independent feed-forward networks applied expert-major: [E, G, C, D] -> [E, G, C, D]."""
+
+  num_experts: int
+  d_ff: int
+  activation: str
+  dropout_rate: float
+  init_scale: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    num_experts, num_groups, capacity, d_model = x.shape
+    act, gated = activation_fn(self.activation)
+    init = t5_kernel_init(self.init_scale, num_in=1, num_out=1, num_batch=1)  # fan_in per expert
+
+    def kernel(name, shape, axes):
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+    wi_shape, wi_axes = (num_experts, d_model, self.d_ff), ("expert", "embed", "expert_mlp")
+    x = x.reshape(num_experts, num_groups * capacity, d_model)                 # [E, G*C, D]
+    if gated:
+      h = act(matmul("etd,edf->etf", x, kernel("wi_0", wi_shape, wi_axes), self.dtype))
+      h = h * matmul("etd,edf->etf", x, kernel("wi_1", wi_shape, wi_axes), self.dtype)
+    else:
+      h = act(matmul("etd,edf->etf", x, kernel("wi", wi_shape, wi_axes), self.dtype))  # [E, G*C, F]
+    h = nn.with_logical_constraint(h, ("expert", "unmodeled", "expert_mlp"))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)          # expert dropout
+    wo = kernel("wo", (num_experts, self.d_ff, d_model), ("expert", "expert_mlp", "embed"))
+    out = matmul("etf,efd->etd", h, wo, self.dtype)                            # [E, G*C, D]
+    return out.reshape(num_experts, num_groups, capacity, d_model)
+
+
+class MoeLayer(nn.Module):
+  """A routed feed-forward layer. Returns (y [B, L, D], aux) where aux holds this layer's losses/metrics."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, token_mask: jax.Array, train: bool) -> tuple[jax.Array, dict]:
+    cfg, moe = self.config, self.config.moe
+    dtype = jnp.dtype(cfg.dtype)
+    batch, length, d_model = x.shape
+    num_groups, group_size = group_shape(batch * length, moe.group_size, moe.num_expert_partitions)
+    num_experts, capacity = moe.num_experts, moe.capacity(group_size, train=train)
+
+    tokens = x.reshape(num_groups, group_size, d_model)                        # [G, S, D]
+    tokens = nn.with_logical_constraint(tokens, ("batch", "unmodeled", "embed"))
+    mask = token_mask.reshape(num_groups, group_size).astype(bool)             # [G, S]
+
+    # 1. Route, always in float32 ("selective precision"). Jitter touches only this copy.
+    router_in = tokens.astype(jnp.float32)
+    if train and moe.jitter_noise > 0:
+      router_in *= jax.random.uniform(self.make_rng("jitter"), router_in.shape, jnp.float32,
+                                      1.0 - moe.jitter_noise, 1.0 + moe.jitter_noise)
+    router_kernel = self.param(
+        "router", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed", "unmodeled")),
+        (d_model, num_experts), jnp.float32)
+    logits = jnp.einsum("gsd,de->gse", router_in, router_kernel,
+                        precision=jax.lax.Precision.HIGHEST)                   # [G, S, E] float32
+    probs = jax.nn.softmax(logits, axis=-1)
+    self.sow("intermediates", "router_logits", logits)
+    if moe.router == "experts_choose":
+      decision = experts_choose(probs, mask, capacity=capacity)
+    else:
+      random_second = train and moe.top_k > 1 and moe.second_expert_policy == "random"
+      decision = tokens_choose(
+          probs, mask, k=moe.top_k, capacity=capacity, second_expert_policy=moe.second_expert_policy,
+          second_expert_threshold=moe.second_expert_threshold, normalize_gates=moe.normalize_gates,
+          batch_prioritized=moe.batch_prioritized, rng=self.make_rng("routing") if random_second else None)
+
+    # 2. Dispatch: move each token into its expert's buffer.
+    if moe.dispatch == "einsum":
+      dispatch, combine = decision.dense(num_experts, capacity)               # [G, S, E, C] each
+      expert_in = matmul("gsec,gsd->egcd", dispatch, tokens, dtype)            # [E, G, C, D]
+    else:
+      slot_token, slot_gate = decision.slots(num_experts, capacity)          # [G, E, C] each
+      padded = jnp.pad(tokens, ((0, 0), (0, 1), (0, 0)))                     # [G, S+1, D]; row S: empty slot
+      expert_in = jax.vmap(lambda rows, idx: rows[idx])(padded, slot_token)  # [G, E, C, D]
+      expert_in = jnp.swapaxes(expert_in, 0, 1)                              # [E, G, C, D]
+    # Experts sharded over 'expert', groups over 'data': XLA inserts an all-to-all over the expert axis here.
+    expert_in = nn.with_logical_constraint(expert_in, ("expert", "expert_group", "unmodeled", "embed"))
+    self.sow("intermediates", "expert_inputs", expert_in)
+
+    # 3. Experts.
+    expert_out = Experts(num_experts, cfg.expert_d_ff, cfg.activation, cfg.expert_dropout_rate,
+                         cfg.init_scale, dtype, name="experts")(expert_in, deterministic=not train)
+    expert_out = nn.with_logical_constraint(expert_out, ("expert", "expert_group", "unmodeled", "embed"))
+
+    # 4. Combine: weight each expert output by its gate and return it to its token (all-to-all back).
+    if moe.dispatch == "einsum":
+      y = matmul("gsec,egcd->gsd", combine, expert_out, dtype)                # [G, S, D]
+    else:
+      weighted = jnp.swapaxes(expert_out, 0, 1).astype(jnp.float32) * slot_gate[..., None]  # [G, E, C, D]
+      y = jax.vmap(lambda idx, rows: jnp.zeros((group_size + 1, d_model), jnp.float32).at[idx].add(rows))(
+          slot_token, weighted)[:, :group_size].astype(dtype)                 # [G, S, D]
+    y = nn.with_logical_constraint(y, ("batch", "unmodeled", "embed"))
+
+    aux = router_stats(logits, probs, mask, decision, num_experts)
+    aux["capacity"] = jnp.asarray(capacity, jnp.int32)
+    aux["group_size"] = jnp.asarray(group_size, jnp.int32)
+    return y.reshape(batch, length, d_model), aux
+
+
+def router_stats(logits: jax.Array, probs: jax.Array, mask: jax.Array, decision: TokenChoice | ExpertChoice,
+                 num_experts: int) -> dict[str, jax.Array]:
+  """Losses and metrics of one layer, over real (unmasked) tokens only.
+
+  load_balance_loss: E * sum_e f_e * P_e per group (f_e: fraction of tokens choosing e before capacity, over all
+    K choices; P_e: mean router probability), averaged over groups with real tokens. Uniform routing gives K.
+  router_z_loss: mean of logsumexp(logits)^2 (ST-MoE), from the raw float32 logits.
+  """
+  real = mask.astype(jnp.float32)                                             # [G, S]
+  num_real = jnp.maximum(real.sum(), 1.0)
+  mean_real = lambda v: (v * real).sum() / num_real                          # mean of a [G, S] value
+  z = jax.nn.logsumexp(logits, axis=-1)                                      # [G, S]
+  stats = {
+      "router_z_loss": mean_real(jnp.square(z)),
+      "router_confidence": mean_real(probs.max(-1)),
+      "router_entropy": mean_real(-(probs * jnp.log(jnp.maximum(probs, 1e-30))).sum(-1)),
+  }
+  if isinstance(decision, TokenChoice):
+    chosen = jax.nn.one_hot(decision.expert_index, num_experts).sum(2) * real[..., None]  # [G, S, E]
+    group_real = real.sum(1)                                                 # [G]
+    per_token = 1.0 / jnp.maximum(group_real, 1.0)[:, None]
+    fraction = chosen.sum(1) * per_token                                     # [G, E] f_e
+    mean_prob = (probs * real[..., None]).sum(1) * per_token                 # [G, E] P_e
+    per_group = num_experts * (fraction * mean_prob).sum(-1)                 # [G]
+    has_real = (group_real > 0).astype(jnp.float32)
+    stats["load_balance_loss"] = (per_group * has_real).sum() / jnp.maximum(has_real.sum(), 1.0)
+    stats["expert_usage"] = chosen.sum((0, 1)) / jnp.maximum(chosen.sum(), 1.0)  # [E], sums to 1
+    over_capacity = (decision.routed & ~decision.kept) * real[..., None]     # [G, S, K]
+    stats["dropped_fraction_by_rank"] = over_capacity.sum((0, 1)) / num_real  # [K]
+    served = decision.kept.any(-1)                                           # [G, S]
+  else:
+    stats["load_balance_loss"] = jnp.zeros((), jnp.float32)                  # balanced by construction
+    stats["expert_usage"] = decision.valid.sum((0, 2)) / jnp.maximum(decision.valid.sum(), 1)  # [E]
+    slot_token, _ = decision.slots(num_experts, decision.token_index.shape[-1])
+    picks = jax.vmap(lambda idx: jnp.zeros(mask.shape[1] + 1).at[idx.reshape(-1)].add(1.0))(slot_token)
+    served = picks[:, :-1] > 0                                               # [G, S]
+    stats["dropped_fraction_by_rank"] = mean_real(1.0 - served)[None]       # [1]
+  stats["dropped_fraction"] = mean_real(1.0 - served)                        # tokens no expert processed
+  return stats

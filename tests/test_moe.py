@@ -1,0 +1,335 @@
+"""The MoE layer: routing invariants (hypothesis), the naive oracle, einsum == index for outputs and gradients,
+losses, selective precision, jitter, and construction errors."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from moe_oracle import oracle_moe
+from switchx.config import ModelConfig, MoeConfig
+from switchx.moe.layer import MoeLayer, group_shape, router_stats
+from switchx.moe.routing import experts_choose, tokens_choose
+
+D_MODEL, D_FF = 8, 16
+
+
+def layer_config(activation="gated-gelu", dtype="float32", **moe) -> ModelConfig:
+  moe.setdefault("num_experts", 4)
+  moe.setdefault("min_capacity", 1)
+  return ModelConfig(vocab_size=8, d_model=D_MODEL, num_heads=1, head_dim=4, d_ff=D_FF, num_encoder_layers=1,
+                     num_decoder_layers=0, activation=activation, dtype=dtype, encoder_sparse="all",
+                     moe=MoeConfig(**moe))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_layer(config: ModelConfig, train: bool):
+  layer = MoeLayer(config)
+
+  def run(params, x, mask, rngs):
+    (y, aux), state = layer.apply({"params": params}, x, mask, train, rngs=rngs, mutable=["intermediates"])
+    return y, aux, state["intermediates"]
+
+  return jax.jit(run)
+
+
+def run_layer(config, params, x, mask, train=False, rngs=None):
+  return _jitted_layer(config, train)(params, x, mask, rngs)
+
+
+def init_layer(config, x, seed=0):
+  params = MoeLayer(config).init(jax.random.PRNGKey(seed), x, jnp.ones(x.shape[:2], bool), False)["params"]
+  return nn.unbox(params)
+
+
+def random_inputs(seed, batch, length, pad_fraction=0.2):
+  rng = np.random.RandomState(seed)
+  x = rng.normal(size=(batch, length, D_MODEL)).astype(np.float32)
+  mask = rng.uniform(size=(batch, length)) >= pad_fraction
+  return jnp.asarray(x), jnp.asarray(mask)
+
+
+# --- routing invariants on random router probabilities ------------------------------------------------------
+@st.composite
+def routing_problems(draw):
+  num_experts = draw(st.integers(1, 6))
+  k = draw(st.integers(1, min(2, num_experts)))
+  groups, size = draw(st.integers(1, 3)), draw(st.integers(1, 12))
+  seed = draw(st.integers(0, 2 ** 16))
+  rng = np.random.RandomState(seed)
+  logits = rng.normal(size=(groups, size, num_experts)) * draw(st.sampled_from([0.1, 1.0, 4.0]))
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1))
+  mask = rng.uniform(size=(groups, size)) >= draw(st.sampled_from([0.0, 0.3]))
+  cf = draw(st.sampled_from([-1.0, 0.0, 0.5, 1.0, 1.25, 2.0]))
+  min_cap = draw(st.integers(0, 2))
+  cap = MoeConfig(num_experts=num_experts, top_k=k, train_capacity_factor=cf, min_capacity=min_cap).capacity(
+      size, train=True)
+  return dict(probs=probs, mask=mask, k=k, capacity=cap, cf=cf, bpr=draw(st.booleans()),
+              normalize=draw(st.booleans()))
+
+
+@settings(max_examples=20)
+@given(routing_problems())
+def test_tokens_choose_invariants(p):
+  probs, mask, k, cap = p["probs"], p["mask"], p["k"], p["capacity"]
+  d = tokens_choose(jnp.asarray(probs), jnp.asarray(mask), k=k, capacity=cap, batch_prioritized=p["bpr"],
+                    normalize_gates=p["normalize"])
+  expert, slot, kept, gate = map(np.asarray, (d.expert_index, d.slot, d.kept, d.gate))
+  groups, size, num_experts = probs.shape
+
+  assert not kept[~mask].any(), "padding was routed"
+  for g in range(groups):
+    for e in range(num_experts):
+      slots = slot[g][kept[g] & (expert[g] == e)]
+      assert len(slots) <= cap, "an expert received more than C tokens"
+      assert sorted(slots) == list(range(len(slots))), "slots are not 0..n-1 without repeats"
+      # Priority: first choices before second choices; within a rank in priority order.
+      routed = [(r, s) for r in range(k) for s in range(size) if mask[g, s] and expert[g, s, r] == e]
+      if p["bpr"]:
+        confidence = np.where(mask[g], probs[g].max(-1), -1.0)
+        position = {s: i for i, s in enumerate(np.argsort(-confidence, kind="stable"))}
+        routed.sort(key=lambda rs: (rs[0], position[rs[1]]))
+      for i, (r, s) in enumerate(routed):
+        assert kept[g, s, r] == (i < cap), "a later arrival was kept before an earlier one"
+        if kept[g, s, r]:
+          assert slot[g, s, r] == i
+
+  assert (gate >= 0).all()
+  assert (gate.sum(-1) <= 1 + 1e-6).all(), "a token's combine weights sum above 1"
+  dispatch, combine = map(np.asarray, d.dense(num_experts, cap))
+  assert (combine >= 0).all() and (combine.sum((2, 3)) <= 1 + 1e-6).all()
+  assert (dispatch.sum((1,)) <= 1).all(), "two tokens share one expert slot"
+  if p["cf"] <= 0:
+    assert kept[mask].all(), "capacity_factor <= 0 must drop nothing"
+
+
+@given(routing_problems())
+def test_experts_choose_invariants(p):
+  probs, mask = p["probs"], p["mask"]
+  groups, size, num_experts = probs.shape
+  cap = MoeConfig(num_experts=num_experts, router="experts_choose", train_capacity_factor=p["cf"],
+                  min_capacity=1).capacity(size, train=True)
+  d = experts_choose(jnp.asarray(probs), jnp.asarray(mask), capacity=cap)
+  token, valid, gate = map(np.asarray, (d.token_index, d.valid, d.gate))
+  assert token.shape == (groups, num_experts, cap)
+  for g in range(groups):
+    for e in range(num_experts):
+      chosen = token[g, e][valid[g, e]]
+      assert mask[g, chosen].all() and len(set(chosen)) == len(chosen)
+      real = np.flatnonzero(mask[g])
+      best = real[np.argsort(-probs[g, real, e], kind="stable")][:cap]
+      assert set(chosen) == set(best), "an expert did not take its most probable tokens"
+  dispatch, combine = map(np.asarray, d.dense(num_experts, cap))
+  assert (combine >= 0).all() and (combine.sum((2, 3)) <= 1 + 1e-6).all()
+
+
+def test_capacity_formula_and_group_shape():
+  moe = MoeConfig(num_experts=8, top_k=2, train_capacity_factor=1.25, eval_capacity_factor=2.0, min_capacity=4)
+  assert moe.capacity(1024, train=True) == math.ceil(1.25 * 2 * 1024 / 8) == 320
+  assert moe.capacity(1024, train=False) == 512
+  assert moe.capacity(8, train=True) == 4                       # min_capacity wins
+  assert moe.capacity(3, train=True) == 3                       # never above the group size
+  assert MoeConfig(num_experts=8, train_capacity_factor=0.0).capacity(64, train=True) == 64
+  assert MoeConfig(num_experts=8, expert_capacity=5).capacity(64, train=True) == 5
+  assert group_shape(4096, 1024) == (4, 1024)
+  assert group_shape(24, 16) == (2, 12)                        # largest size <= 16 that divides 24
+  assert group_shape(6, 4, num_partitions=3) == (3, 2)
+  with pytest.raises(ValueError, match="expert partitions"):
+    group_shape(10, 4, num_partitions=4)
+
+
+# --- the layer against the naive oracle; einsum == index ----------------------------------------------------
+LAYER_CASES = [
+    dict(router="tokens_choose", top_k=1, train_capacity_factor=1.0),
+    dict(router="tokens_choose", top_k=1, train_capacity_factor=0.5, batch_prioritized=True),
+    dict(router="tokens_choose", top_k=2, train_capacity_factor=1.0, normalize_gates=True),
+    dict(router="tokens_choose", top_k=2, train_capacity_factor=0.0),
+    dict(router="experts_choose", train_capacity_factor=1.0),
+]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("activation", ["gated-gelu", "relu"])
+def test_layer_matches_naive_oracle(case, activation):
+  x, mask = random_inputs(1, batch=2, length=12)
+  outputs = {}
+  for dispatch in ("einsum", "index"):
+    config = layer_config(activation, group_size=8, eval_capacity_factor=case["train_capacity_factor"],
+                          dispatch=dispatch, **case)
+    params = init_layer(config, x)
+    y, aux, _ = run_layer(config, params, x, mask)
+    outputs[dispatch] = np.asarray(y).reshape(-1, D_MODEL)
+  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  flat = {"router": p64["router"], **p64["experts"]}
+  expected, kept = oracle_moe(np.asarray(x, np.float64).reshape(-1, D_MODEL), np.asarray(mask).reshape(-1), flat,
+                              activation=activation, num_groups=3, router=case["router"],
+                              k=case.get("top_k", 1), cf=case["train_capacity_factor"], min_capacity=1,
+                              normalize_gates=case.get("normalize_gates", False),
+                              batch_prioritized=case.get("batch_prioritized", False))
+  for dispatch, y in outputs.items():
+    np.testing.assert_allclose(y, expected, rtol=2e-5, atol=2e-6, err_msg=dispatch)
+  # A token with no expert slot gets exactly zero: the residual alone carries it.
+  unserved = ~kept.any(-1)
+  for y in outputs.values():
+    assert (y[unserved] == 0).all()
+  if case["train_capacity_factor"] > 0:
+    assert unserved[np.asarray(mask).reshape(-1)].any(), "the case should drop some tokens"
+
+
+@settings(max_examples=6)  # each example compiles two gradients; the fixed LAYER_CASES cover every router
+@given(num_experts=st.integers(2, 5), k=st.integers(1, 2), length=st.integers(2, 9),
+       router=st.sampled_from(["tokens_choose", "experts_choose"]), cf=st.sampled_from([0.0, 0.75, 1.5]),
+       bpr=st.booleans(), seed=st.integers(0, 1000))
+def test_einsum_and_index_paths_agree_on_outputs_and_gradients(num_experts, k, length, router, cf, bpr, seed):
+  if router == "experts_choose":
+    k, bpr = 1, False
+  x, mask = random_inputs(seed, batch=2, length=length)
+  results = []
+  for dispatch in ("einsum", "index"):
+    config = layer_config(num_experts=num_experts, top_k=k, router=router, train_capacity_factor=cf,
+                          eval_capacity_factor=cf, batch_prioritized=bpr, group_size=length, dispatch=dispatch)
+    params = init_layer(config, x, seed=1)
+
+    def loss(params, x):
+      y, aux, _ = run_layer(config, params, x, mask)
+      return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"] + aux["router_z_loss"]
+
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    results.append((value, grads))
+  (v1, g1), (v2, g2) = results
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --- losses --------------------------------------------------------------------------------------------------
+def _routing_logits(groups, size, num_experts, k, crowded):
+  """Token s prefers expert s % E (then (s+1) % E, ...), except the first `crowded` tokens of each group,
+  whose first choice is expert 0. crowded = 0 is perfectly uniform routing: f_e = k/E and P_e = 1/E."""
+  s = np.arange(size)
+  first = np.where(s < crowded, 0, s % num_experts)
+  logits = np.zeros((groups, size, num_experts))
+  for rank in range(k):
+    logits[:, s, (first + rank) % num_experts] = 3.0 / (rank + 1)
+  return jnp.asarray(logits, jnp.float32)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_load_balance_loss_is_k_when_uniform_and_grows_with_imbalance(k):
+  groups, size, num_experts = 2, 16, 4
+  mask = jnp.ones((groups, size), bool)
+
+  def balance(logits):
+    probs = jax.nn.softmax(logits, -1)
+    decision = tokens_choose(probs, mask, k=k, capacity=size)
+    return float(router_stats(logits, probs, mask, decision, num_experts)["load_balance_loss"])
+
+  assert balance(_routing_logits(groups, size, num_experts, k, crowded=0)) == pytest.approx(k, abs=1e-5)
+  values = [balance(_routing_logits(groups, size, num_experts, k, crowded=c)) for c in (4, 8, 12, 16)]
+  assert all(a < b for a, b in zip([k] + values, values)), values
+  assert values[-1] > 1.5 * k  # everyone's first choice on one expert is far from the floor
+
+
+def test_layer_losses_from_raw_logits_and_model_sum():
+  config = layer_config(router_z_loss_coef=1e-3)
+  x, mask = random_inputs(3, batch=2, length=8)
+  params = init_layer(config, x)
+  y, aux, inter = run_layer(config, params, x, mask)
+  logits = np.asarray(inter["router_logits"][0], np.float64).reshape(-1, 4)
+  real = np.asarray(mask).reshape(-1)
+  lse = np.log(np.exp(logits).sum(-1))
+  assert float(aux["router_z_loss"]) == pytest.approx(np.mean(lse[real] ** 2), rel=1e-5)
+  # Shifting all logits by a constant leaves the probabilities (and routing) alone but changes the z-loss.
+  probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1)
+  shifted = router_stats(jnp.asarray(logits + 5.0, jnp.float32).reshape(2, 8, 4), probs.reshape(2, 8, 4),
+                         mask.reshape(2, 8), tokens_choose(probs.reshape(2, 8, 4), mask.reshape(2, 8), k=1,
+                                                           capacity=8), 4)
+  assert float(shifted["router_z_loss"]) > float(aux["router_z_loss"]) + 10
+  assert 0 <= float(aux["dropped_fraction"]) <= 1 and aux["expert_usage"].shape == (4,)
+  assert float(aux["expert_usage"].sum()) == pytest.approx(1.0)
+
+
+def test_bfloat16_model_routes_in_float32():
+  config = layer_config(dtype="bfloat16")
+  x, mask = random_inputs(4, batch=2, length=8)
+  params = init_layer(config, x)
+  y, aux, inter = run_layer(config, params, x.astype(jnp.bfloat16), mask)
+  assert inter["router_logits"][0].dtype == jnp.float32
+  assert inter["expert_inputs"][0].dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+
+
+def test_jitter_changes_routing_only():
+  x, mask = random_inputs(5, batch=2, length=16, pad_fraction=0.0)
+  plain = layer_config(group_size=32, train_capacity_factor=0.0)
+  jittery = layer_config(group_size=32, train_capacity_factor=0.0, jitter_noise=0.9)
+  params = init_layer(plain, x)
+  params["router"] = params["router"] * 50  # make routing decisive so we can see jitter flip it
+  rngs = {"jitter": jax.random.PRNGKey(7)}
+  _, _, base = run_layer(plain, params, x, mask, train=True, rngs=rngs)
+  _, _, jit = run_layer(jittery, params, x, mask, train=True, rngs=rngs)
+  # Routing changed ...
+  assert not np.allclose(base["router_logits"][0], jit["router_logits"][0])
+  # ... but every expert input slot still holds an exact, un-noised token vector (or zeros).
+  rows = np.asarray(jit["expert_inputs"][0]).reshape(-1, D_MODEL)
+  tokens = np.asarray(x).reshape(-1, D_MODEL)
+  for row in rows:
+    assert not row.any() or (tokens == row).all(-1).any()
+  moved = np.asarray(base["expert_inputs"][0]) != np.asarray(jit["expert_inputs"][0])
+  assert moved.any(), "jitter of 0.9 on a decisive router should move some token"
+
+
+def test_random_second_expert_policy_keeps_in_proportion_to_gate():
+  probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (8, 256, 4)) * 2, -1)
+  mask = jnp.ones(probs.shape[:2], bool)
+  d = tokens_choose(probs, mask, k=2, capacity=256, second_expert_policy="random",
+                    second_expert_threshold=0.2, rng=jax.random.PRNGKey(1))
+  top2 = jax.lax.top_k(probs, 2)[0]
+  relative2 = top2[..., 1] / top2.sum(-1)
+  expected = float(jnp.minimum(1.0, relative2 / 0.2).mean())
+  kept_second = float(d.routed[..., 1].mean())
+  assert kept_second == pytest.approx(expected, abs=0.02)
+  assert bool(d.routed[..., 0].all())  # the first choice is never subject to the policy
+  always = tokens_choose(probs, mask, k=2, capacity=256, second_expert_policy="random")  # no rng: eval
+  assert bool(always.routed.all())
+
+
+def test_expert_dropout_only_inside_experts_and_only_in_training():
+  x, mask = random_inputs(6, batch=2, length=8, pad_fraction=0.0)
+  config = layer_config(group_size=16, train_capacity_factor=0.0, eval_capacity_factor=0.0,
+                        expert_dropout_rate=0.5)
+  params = init_layer(config, x)
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+  eval_y, _, _ = run_layer(config, params, x, mask)
+  train_y, _, inter = run_layer(config, params, x, mask, train=True, rngs=rngs)
+  assert not np.allclose(eval_y, train_y)                       # active in training ...
+  no_dropout = layer_config(group_size=16, train_capacity_factor=0.0, eval_capacity_factor=0.0,
+                            expert_dropout_rate=0.0)
+  np.testing.assert_allclose(run_layer(no_dropout, params, x, mask, train=True, rngs=rngs)[0], eval_y,
+                             atol=1e-6)                         # ... and only through the experts
+  eval_again, _, _ = run_layer(config, params, x, mask)
+  np.testing.assert_array_equal(eval_y, eval_again)              # never in eval
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make,field", [
+    (lambda: MoeConfig(num_experts=1, top_k=2), "num_experts"),
+    (lambda: MoeConfig(router="switchy"), "router"),
+    (lambda: MoeConfig(expert_capacity=0), "expert_capacity"),
+    (lambda: MoeConfig(dispatch="sorted"), "dispatch"),
+    (lambda: MoeConfig(num_experts=6, num_expert_partitions=4), "num_expert_partitions"),
+    (lambda: ModelConfig(decoder_sparse="every:2", moe=MoeConfig(router="experts_choose")), "router"),
+    (lambda: ModelConfig(decoder_sparse="all", moe=MoeConfig(batch_prioritized=True)), "batch_prioritized"),
+])
+def test_bad_moe_config_names_the_field(make, field):
+  with pytest.raises(ValueError, match=field):
+    make()
+
+
+def test_experts_choose_in_the_encoder_is_fine():
+  ModelConfig(encoder_sparse="every:2", moe=MoeConfig(router="experts_choose"))
