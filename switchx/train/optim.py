@@ -1,0 +1,34 @@
+"""Optimizers and learning-rate schedules (optax)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from switchx.config import TrainConfig
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+  lr, warmup = cfg.learning_rate, cfg.warmup_steps
+  if cfg.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if cfg.schedule == "constant_then_rsqrt":
+    # T5 / Switch: constant lr for `warmup` steps, then lr * sqrt(warmup / step) (= 1/sqrt(step) for 0.01, 10k).
+    return lambda step: lr * jnp.sqrt(max(warmup, 1) / jnp.maximum(step, max(warmup, 1)))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(cfg.num_train_steps, warmup + 1),
+      end_value=lr * cfg.end_learning_rate_fraction)
+
+
+def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(cfg)
+  if cfg.optimizer == "adafactor":
+    # T5's settings: factored second moments, decay rate 0.8, update clipping 1.0, no momentum, updates scaled
+    # by the parameter's RMS.
+    tx = optax.adafactor(learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0, momentum=None,
+                         multiply_by_parameter_scale=True, factored=True, min_dim_size_to_factor=128)
+  else:
+    tx = optax.adamw(learning_rate=schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay)
+    if cfg.grad_clip_norm > 0:
+      tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  return tx, schedule  # gradient accumulation happens inside the train step (train/step.py)

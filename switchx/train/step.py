@@ -1,0 +1,95 @@
+"""Pure train and eval steps. They know nothing of meshes: train/loop.py jits them with shardings and donation.
+
+A batch is a dict of [B, L] arrays as the data pipeline makes them (switchx/data/packing.py):
+encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights and, when packed,
+*_segment_ids and *_positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from switchx.losses import total_loss
+from switchx.models.encoder_decoder import EncoderDecoder
+
+MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "encoder_segment_ids",
+                "decoder_segment_ids", "encoder_positions", "decoder_positions")
+# Metrics that add up over micro-batches (each is already divided by the whole batch's token count).
+ADDITIVE_METRICS = ("loss", "cross_entropy_loss", "z_loss", "accuracy", "num_target_tokens")
+RNG_STREAMS = ("dropout", "jitter", "routing")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array   # int32 scalar: optimizer updates done
+  params: Any
+  opt_state: Any
+
+
+def init_train_state(model: EncoderDecoder, optimizer: optax.GradientTransformation, rng: jax.Array,
+                     batch: dict) -> TrainState:
+  """Fresh parameters (unboxed: plain arrays) and optimizer state. The loop jits this with out_shardings
+  computed from the parameters' logical axes, so each device creates only its own shard."""
+  params = nn.unbox(model.init(rng, **model_inputs(batch))["params"])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def model_inputs(batch: dict) -> dict:
+  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def target_weights(batch: dict) -> jax.Array:
+  weights = batch.get("decoder_loss_weights")
+  return (batch["decoder_target_tokens"] > 0).astype(jnp.float32) if weights is None else weights
+
+
+def loss_and_metrics(params, batch: dict, rng: jax.Array | None, *, model: EncoderDecoder, z_loss_coef: float,
+                     train: bool, num_tokens=None, moe_weight: float = 1.0):
+  rngs = None
+  if train:
+    rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(RNG_STREAMS)}
+  logits, moe_aux = model.apply({"params": params}, **model_inputs(batch), train=train, rngs=rngs)
+  return total_loss(model.config, logits, moe_aux, batch, z_loss_coef, num_tokens, moe_weight)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: EncoderDecoder,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule, z_loss_coef: float = 1e-4,
+               accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer update. With accumulation_steps = k the batch is split into k micro-batches whose
+  gradients are summed (a scan), each loss already normalised by the whole batch's target-token count."""
+  rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+  kwargs = dict(model=model, z_loss_coef=z_loss_coef, train=True)
+  if accumulation_steps == 1:
+    (_, metrics), grads = grad_fn(state.params, batch, rng, **kwargs)
+  else:
+    k = accumulation_steps
+    num_tokens = target_weights(batch).sum()
+    micro = jax.tree_util.tree_map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+    def accumulate(grads_sum, step_and_batch):
+      i, micro_batch = step_and_batch
+      (_, m), g = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i), num_tokens=num_tokens,
+                          moe_weight=1.0 / k, **kwargs)
+      return jax.tree_util.tree_map(jnp.add, grads_sum, g), m
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    grads, stacked = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+    metrics = {name: v.sum(0) if name in ADDITIVE_METRICS else v.mean(0) for name, v in stacked.items()}
+
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["learning_rate"] = schedule(state.step)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, model: EncoderDecoder, z_loss_coef: float = 0.0) -> dict:
+  """Eval-mode metrics (no dropout, eval capacity factor) for one batch."""
+  return loss_and_metrics(params, batch, None, model=model, z_loss_coef=z_loss_coef, train=False)[1]
