@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import math
 
 import flax.linen as nn
@@ -34,6 +35,7 @@ def experts_per_token(config: ModelConfig) -> float:
   return float(moe.num_experts) if factor <= 0 else min(float(factor), float(moe.num_experts))
 
 
+@functools.lru_cache(maxsize=256)
 def param_counts(config: ModelConfig) -> dict[str, int]:
   """total, expert (all experts' weights), active (per token: non-expert + the experts a token uses)."""
   shapes = param_shapes(config)
@@ -69,6 +71,11 @@ def flops_per_token(config: ModelConfig, inputs_length: int = 512, targets_lengt
     total += le * 2 * 2 * d * inner                             # ... k and v per encoder token
   total += ld * 2 * d * config.vocab_size                       # output logits
   return total / (le + ld)
+
+
+def summary(config: ModelConfig, inputs_length: int = 512, targets_length: int = 114) -> dict:
+  """What `switchx params --json` prints: total / expert / active parameters and forward FLOPs per token."""
+  return {**param_counts(config), "flops_per_token": flops_per_token(config, inputs_length, targets_length)}
 
 
 def module_table(config: ModelConfig) -> list[tuple[str, int]]:
