@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -25,10 +26,36 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
   if cfg.optimizer == "adafactor":
     # T5's settings: factored second moments, decay rate 0.8, update clipping 1.0, no momentum, updates scaled
     # by the parameter's RMS.
-    tx = optax.adafactor(learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0, momentum=None,
-                         multiply_by_parameter_scale=True, factored=True, min_dim_size_to_factor=128)
+    adafactor = optax.adafactor(learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0, momentum=None,
+                                multiply_by_parameter_scale=True, factored=True, min_dim_size_to_factor=128)
+    # Expert weights [E, D, F] are E independent matrices: factor each one's second moments over (D, F) and clip
+    # and scale each expert on its own (as t5x does), instead of letting optax factor over the two largest
+    # dims, which would mix experts whenever E exceeds D or F.
+    tx = optax.multi_transform({"expert": per_expert(adafactor), "dense": adafactor}, param_kinds)
   else:
     tx = optax.adamw(learning_rate=schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay)
     if cfg.grad_clip_norm > 0:
       tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx, schedule  # gradient accumulation happens inside the train step (train/step.py)
+
+
+def is_expert_param(path) -> bool:
+  return any(getattr(k, "key", None) == "experts" for k in path)
+
+
+def param_kinds(params):
+  """'expert' for the stacked expert weights (leading axis E), 'dense' for everything else."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: "expert" if is_expert_param(path) else "dense", params)
+
+
+def per_expert(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Applies `tx` independently to each slice along the leading (expert) axis of every leaf."""
+  empty = lambda tree: not jax.tree_util.tree_leaves(tree)  # a dense model has no expert leaves to vmap over
+
+  def init(params):
+    return tx.init(params) if empty(params) else jax.vmap(tx.init)(params)
+
+  def update(updates, state, params=None):
+    return tx.update(updates, state, params) if empty(updates) else jax.vmap(tx.update)(updates, state, params)
+
+  return optax.GradientTransformation(init, update)

@@ -1,0 +1,111 @@
+"""The train step end to end on tiny data: a Switch model learns a toy task with its router losses near their
+floor; gradient accumulation equals the full batch; the schedules are what they claim."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config, tiny_switch_config
+from switchx.config import TrainConfig
+from switchx.models.encoder_decoder import EncoderDecoder
+from switchx.train import optim, step as step_lib
+
+
+def copy_task_batch(rng: np.random.RandomState, batch=32, length=8, vocab=64) -> dict:
+  """Encoder input: random tokens; target: the same tokens (decoder input = targets shifted right)."""
+  tokens = rng.randint(3, vocab, (batch, length)).astype(np.int32)
+  decoder_inputs = np.concatenate([np.zeros((batch, 1), np.int32), tokens[:, :-1]], 1)
+  return {"encoder_input_tokens": tokens, "decoder_target_tokens": tokens,
+          "decoder_input_tokens": decoder_inputs, "decoder_loss_weights": np.ones_like(tokens, np.float32)}
+
+
+def _setup(config, train_cfg, batch):
+  model = EncoderDecoder(config)
+  optimizer, schedule = optim.make_optimizer(train_cfg)
+  state = jax.jit(functools.partial(step_lib.init_train_state, model, optimizer))(jax.random.PRNGKey(0), batch)
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, schedule=schedule,
+                                   accumulation_steps=train_cfg.gradient_accumulation_steps))
+  return state, step
+
+
+def test_switch_model_learns_copy_task_with_balanced_routing():
+  config = tiny_switch_config(group_size=64, train_capacity_factor=1.25, load_balance_loss_coef=0.01)
+  train_cfg = TrainConfig(optimizer="adamw", learning_rate=1e-2, schedule="constant", warmup_steps=0)
+  rng = np.random.RandomState(0)
+  state, step = _setup(config, train_cfg, copy_task_batch(rng))
+  history = []
+  for _ in range(300):
+    state, metrics = step(state, copy_task_batch(rng), jax.random.PRNGKey(1))
+    history.append(jax.device_get(metrics))
+  first, last = history[0], history[-1]
+  assert first["cross_entropy_loss"] > 3.5                      # ~log(61) at the start
+  assert last["cross_entropy_loss"] < 0.25 * first["cross_entropy_loss"], last["cross_entropy_loss"]
+  for layer in ("encoder/layers_1", "decoder/layers_1"):
+    balance = np.mean([h[f"router/{layer}/load_balance_loss"] for h in history[-20:]])
+    assert 1.0 <= balance < 1.15, (layer, balance)              # top-1 floor is exactly 1
+    assert 0.0 <= last[f"router/{layer}/dropped_fraction"] <= 1.0
+  assert "router/dropped_fraction" in last and np.isfinite(last["grad_norm"])
+
+  # The trained model also runs in eval mode (eval capacity factor, no dropout).
+  model = EncoderDecoder(config)
+  eval_metrics = jax.jit(functools.partial(step_lib.eval_step, model=model))(state.params, copy_task_batch(rng))
+  assert eval_metrics["cross_entropy_loss"] < 0.25 * first["cross_entropy_loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor"])  # accumulation is optimizer-independent; T5's default
+def test_gradient_accumulation_equals_full_batch(optimizer):
+  config = tiny_config()  # dense: micro-batches cannot change routing groups
+  batch = copy_task_batch(np.random.RandomState(1), batch=8)
+  batch["decoder_loss_weights"][:, 6:] = 0.0                   # uneven token counts per row
+  states = []
+  for k in (1, 4):
+    train_cfg = TrainConfig(optimizer=optimizer, learning_rate=1e-2, schedule="constant", warmup_steps=0,
+                            batch_size=8, gradient_accumulation_steps=k)
+    state, step = _setup(config, train_cfg, batch)
+    state, metrics = step(state, batch, jax.random.PRNGKey(0))
+    states.append((state, metrics))
+  (a, ma), (b, mb) = states
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+  np.testing.assert_allclose(ma["grad_norm"], mb["grad_norm"], rtol=1e-4)
+  # Adam's first update is lr * g / (|g| + eps): for the few gradients at rounding level (~1e-9) the summation
+  # order flips it, so parameters are compared to 0.1% of the learning rate, not to float32 precision.
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-3 * 1e-2)
+
+
+def test_schedules():
+  rsqrt = optim.learning_rate_schedule(TrainConfig(learning_rate=0.01, warmup_steps=10_000))
+  assert float(rsqrt(0)) == pytest.approx(0.01) and float(rsqrt(9_999)) == pytest.approx(0.01)
+  assert float(rsqrt(40_000)) == pytest.approx(1 / np.sqrt(40_000))  # T5: 1/sqrt(step) after warm-up
+  cosine = optim.learning_rate_schedule(TrainConfig(schedule="warmup_cosine", learning_rate=1.0, warmup_steps=10,
+                                                    num_train_steps=110))
+  assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(1.0)
+  assert float(cosine(60)) == pytest.approx(0.5, abs=1e-3) and float(cosine(110)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bad_train_config_names_the_field():
+  with pytest.raises(ValueError, match="optimizer"):
+    TrainConfig(optimizer="sgd")
+  with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+    TrainConfig(batch_size=6, gradient_accumulation_steps=4)
+
+
+def test_adafactor_treats_each_expert_as_its_own_matrix():
+  train_cfg = TrainConfig(optimizer="adafactor", learning_rate=0.01, schedule="constant", warmup_steps=0)
+  tx, _ = optim.make_optimizer(train_cfg)
+  rng = np.random.RandomState(0)
+  experts = jnp.asarray(rng.normal(size=(300, 130, 140)) * 0.05, jnp.float32)  # E > D: optax alone would mix
+  params = {"layers_1": {"moe": {"experts": {"wi": experts}}}, "mlp": {"kernel": experts[0]}}
+  grads = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  updates, state = tx.update(grads, tx.init(params), params)
+  plain, _ = optim.make_optimizer(train_cfg)
+  for e in (0, 7, 299):
+    one = {"mlp": {"kernel": experts[e]}}
+    expected, _ = plain.update({"mlp": {"kernel": grads["layers_1"]["moe"]["experts"]["wi"][e]}}, plain.init(one), one)
+    np.testing.assert_allclose(updates["layers_1"]["moe"]["experts"]["wi"][e], expected["mlp"]["kernel"],
+                               rtol=1e-5, atol=1e-8)
+  factored = jax.tree_util.tree_leaves(state.inner_states["expert"])
+  assert {(300, 130), (300, 140)} <= {tuple(x.shape) for x in factored}  # v_row [E, D], v_col [E, F]
