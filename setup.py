@@ -17,13 +17,14 @@ CORE = [
     "matplotlib==3.11.2",     # loss curves and routing plots
     "tensorboardX==2.6.5",    # TensorBoard event files without TensorFlow
     "tqdm==4.70.1",           # progress bars
+    "safetensors==0.8.0",     # switchx.save / switchx.load and transformers checkpoints
 ]
 
 EXTRAS = {
     # tensorflow-datasets sources read without TensorFlow (array_record + tfds data sources / grain).
     "data": ["tensorflow-datasets==4.9.10", "grain==0.2.18", "array_record==0.8.6"],
     # transformers' PyTorch Switch / T5 for checkpoint conversion and parity tests (CPU torch build).
-    "interop": ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"],
+    "interop": ["torch==2.13.0", "transformers==5.24.0"],
     "notebooks": ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
     "test": ["pytest==9.2.0", "hypothesis==6.170.17"],
 }

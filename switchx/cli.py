@@ -57,6 +57,62 @@ def preset_table_markdown() -> str:
   return "\n".join(rows)
 
 
+def _train(args: argparse.Namespace) -> int:
+  import logging
+  from switchx import gin_config
+  from switchx.parallel.mesh import MeshConfig
+  from switchx.train.loop import NonFiniteLossError, train
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  gin_config.parse(args.gin_file, args.gin_bindings)
+  mesh = MeshConfig.parse(args.mesh) if args.mesh else gin_config.mesh_config()
+  try:
+    summary = train(gin_config.model_config(), gin_config.train_config(), gin_config.data_config(), mesh,
+                    model_dir=args.model_dir, operative_config=gin_config.operative_config())
+  except NonFiniteLossError as e:
+    print(f"switchx train: stopped: {e}", file=sys.stderr)
+    return 3
+  eval_loss = summary["eval_loss"]
+  print(f"step {summary['final_step']}: train loss {summary['train_loss']:.4f}"
+        + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
+        + (f" (stopped by {summary['interrupted']})" if summary["interrupted"] else ""))
+  return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+  import json
+  from switchx import gin_config, model_stats
+  from switchx.parallel.mesh import MeshConfig
+  from switchx.parallel.plan import plan
+  mesh = MeshConfig.parse(args.mesh)
+  if -1 in (mesh.data, mesh.expert, mesh.model):
+    raise ValueError("--mesh: give every axis size, e.g. data=16,expert=128,model=1 (plan looks at no devices).")
+  model, train = gin_config.load(args.gin_file, args.gin_bindings)
+  result = plan(model, train, {"data": mesh.data, "expert": mesh.expert, "model": mesh.model})
+  if args.json:
+    print(json.dumps(result))
+    return 0
+  gib = lambda n: f"{n / 2**30:10.3f} GiB"
+  print(f"mesh {result['mesh']} ({result['devices']} devices), {model_stats.format_count(result['total_params'])}"
+        f" parameters, batch {train.batch_size} x ({train.inputs_length} + {train.targets_length}) tokens")
+  print(f"per device:  parameters {gib(result['params_bytes'])}")
+  print(f"             optimizer  {gib(result['optimizer_bytes'])}   ({train.optimizer})")
+  print(f"             activations{gib(result['activation_bytes'])}   (estimate; see switchx/parallel/plan.py)")
+  print(f"             total      {gib(result['total_bytes'])}")
+  return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+  from switchx import gin_config
+  from switchx.interop import convert
+  config = args.config or None
+  if args.from_format == "t5x" and config is None and args.gin_file:
+    config = gin_config.load(args.gin_file, args.gin_bindings)[0]
+  result = convert(args.src, args.dst, args.from_format, args.to_format, config_for_t5x=config)
+  print(f"wrote {args.dst} ({args.to_format}): d_model {result.d_model}, {result.num_encoder_layers}+"
+        f"{result.num_decoder_layers} layers, {result.moe.num_experts if result.is_sparse else 0} experts")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="switchx", description="Switch Transformers and sparse MoE in JAX/Flax.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -72,6 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print one JSON object: total_params, expert_params, active_params, flops_per_token")
   params.add_argument("--all", action="store_true", help="a Markdown table of every model preset")
   params.set_defaults(run=_params)
+
+  train = sub.add_parser("train", help="train (or resume) a model: span-corruption pre-training")
+  _add_gin_flags(train)
+  train.add_argument("--model_dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, config.gin")
+  train.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1 (default: all "
+                                                 "devices on 'data', or MeshConfig bindings)")
+  train.set_defaults(run=_train)
+
+  plan = sub.add_parser("plan", help="per-device memory of a config on a mesh, from shapes alone (no devices)")
+  _add_gin_flags(plan)
+  plan.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. data=16,expert=128,model=1")
+  plan.add_argument("--json", action="store_true")
+  plan.set_defaults(run=_plan)
+
+  convert = sub.add_parser("convert", help="convert checkpoints: transformers / t5x / switchx -> switchx / "
+                                           "transformers (see docs/interop.md)")
+  convert.add_argument("--from", dest="from_format", required=True, choices=("hf", "t5x", "switchx"))
+  convert.add_argument("--to", dest="to_format", required=True, choices=("switchx", "hf"))
+  convert.add_argument("src")
+  convert.add_argument("dst")
+  _add_gin_flags(convert)
+  convert.add_argument("--config", default="", help="t5x only: a switchx config.json describing the model "
+                                                     "(or give its preset with --gin_file)")
+  convert.set_defaults(run=_convert)
   return parser
 
 

@@ -16,6 +16,11 @@ DTYPES = ("float32", "bfloat16")
 ROUTERS = ("tokens_choose", "experts_choose")
 SECOND_EXPERT_POLICIES = ("all", "random")
 DISPATCH = ("einsum", "index")
+# "switch": the original Switch / t5x routing (groups of up to group_size tokens across the batch, capacity from
+# the factors, padding never routed, per-layer losses). "transformers": Hugging Face transformers'
+# SwitchTransformers (one group per sequence, fixed expert_capacity, padding routed, its router losses over a
+# stack's concatenated router logits). See docs/interop.md.
+SEMANTICS = ("switch", "transformers")
 
 # A sparse layout says which feed-forward positions of a stack are MoE layers:
 #   "none" | "all" | "every:N" (layer i sparse when i % N == N - 1, the original Switch placement)
@@ -75,10 +80,25 @@ class MoeConfig:
   expert_d_ff: int | None = None         # hidden size of each expert; None: the model's d_ff
   load_balance_loss_coef: float = 0.01
   router_z_loss_coef: float = 0.0
-  num_expert_partitions: int = 1         # devices the experts are split over; groups are a multiple of it
+  num_group_partitions: int = 1          # shards the routing groups are split over (the mesh's data x expert
+                                         # axes; set by the partitioner): the group count is a multiple of it
+  semantics: str = "switch"              # "switch" (original) or "transformers" (HF parity); see SEMANTICS
 
   def __post_init__(self):
     own = "MoeConfig"
+    if self.semantics not in SEMANTICS:
+      _fail(own, "semantics", self.semantics,
+            f"choose one of {SEMANTICS}: 'switch' (the original routing, the default) or 'transformers' "
+            "(reproduces Hugging Face SwitchTransformers).")
+    if self.semantics == "transformers":
+      if self.expert_capacity is None:
+        _fail(own, "expert_capacity", None,
+              "semantics='transformers' routes each sequence with a fixed capacity; set expert_capacity "
+              "(transformers' default is 64) or use semantics='switch'.")
+      if self.router != "tokens_choose" or self.top_k != 1 or self.batch_prioritized:
+        _fail(own, "semantics", self.semantics,
+              "transformers' SwitchTransformers routes top-1 in sequence order; use router='tokens_choose', "
+              "top_k=1, batch_prioritized=False, or use semantics='switch'.")
     if self.num_experts < 1:
       _fail(own, "num_experts", self.num_experts, "needs at least one expert.")
     if self.router not in ROUTERS:
@@ -111,9 +131,8 @@ class MoeConfig:
       _fail(own, "expert_dropout_rate", self.expert_dropout_rate, "must be in [0, 1) or None.")
     if self.expert_d_ff is not None and self.expert_d_ff < 1:
       _fail(own, "expert_d_ff", self.expert_d_ff, "must be >= 1 or None.")
-    if self.num_expert_partitions < 1 or self.num_experts % self.num_expert_partitions:
-      _fail(own, "num_expert_partitions", self.num_expert_partitions,
-            f"must divide num_experts={self.num_experts} (each expert shard holds a whole number of experts).")
+    if self.num_group_partitions < 1:
+      _fail(own, "num_group_partitions", self.num_group_partitions, "must be >= 1.")
 
   def capacity(self, group_size: int, train: bool) -> int:
     """Expert capacity C for a group of `group_size` tokens.
@@ -257,10 +276,15 @@ class TrainConfig:
   grad_clip_norm: float = 0.0              # adamw: clip the global gradient norm when > 0
   gradient_accumulation_steps: int = 1
   z_loss_coef: float = 1e-4               # output-logit z-loss
-  batch_size: int = 32
+  batch_size: int = 32                    # global (all processes together)
   inputs_length: int = 512
   targets_length: int = 114
   seed: int = 0
+  log_every: int = 50                     # metrics to metrics.jsonl / TensorBoard every N steps
+  eval_every: int = 500                   # held-out evaluation every N steps (0: only at the end)
+  eval_batches: int = 8
+  checkpoint_every: int = 1000            # and always at the end (0: only at the end)
+  keep_checkpoints: int = 3
 
   def __post_init__(self):
     own = "TrainConfig"
@@ -274,6 +298,50 @@ class TrainConfig:
         _fail(own, name, getattr(self, name), "must be > 0.")
     if self.warmup_steps < 0:
       _fail(own, "warmup_steps", self.warmup_steps, "must be >= 0.")
+    for name in ("log_every", "eval_batches", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        _fail(own, name, getattr(self, name), "must be >= 1.")
+    for name in ("eval_every", "checkpoint_every"):
+      if getattr(self, name) < 0:
+        _fail(own, name, getattr(self, name), "must be >= 0 (0: only at the end).")
     if self.batch_size % self.gradient_accumulation_steps:
       _fail(own, "gradient_accumulation_steps", self.gradient_accumulation_steps,
             f"must divide batch_size={self.batch_size} (each micro-batch gets the same number of rows).")
+
+
+DATA_SOURCES = ("builtin", "text", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the text comes from and how it becomes span-corrupted, packed batches (switchx/data)."""
+
+  source: str = "builtin"                 # "builtin" (ships with Python), "text" (files), "tfds" (prepared)
+  paths: tuple[str, ...] = ()             # source="text": .txt (blank-line separated) / .jsonl files
+  text_field: str = "text"                # JSON-lines / tfds feature holding the text
+  tfds_name: str = ""                     # source="tfds": e.g. "c4/en:3.1.0"
+  tfds_data_dir: str = ""
+  train_split: str = "train"
+  eval_split: str = "validation"          # tfds only; other sources hold out eval_fraction of the documents
+  eval_fraction: float = 0.02
+  tokenizer_path: str = ""                # a SentencePiece .model (T5's 32k one); "" trains one on the corpus
+  tokenizer_vocab_size: int = 2000        # pieces of the trained tokenizer (100 sentinels are added on top)
+  pack: bool = True
+  noise_density: float = 0.15
+  mean_noise_span_length: float = 3.0
+
+  def __post_init__(self):
+    own = "DataConfig"
+    if self.source not in DATA_SOURCES:
+      _fail(own, "source", self.source, f"choose one of {DATA_SOURCES}.")
+    if self.source == "text" and not self.paths:
+      _fail(own, "paths", self.paths, "source='text' needs at least one .txt or .jsonl file.")
+    if self.source == "tfds" and not (self.tfds_name and self.tfds_data_dir):
+      _fail(own, "tfds_data_dir" if self.tfds_name else "tfds_name", "",
+            "source='tfds' needs tfds_name and tfds_data_dir (a directory where the dataset was prepared).")
+    if not 0 < self.eval_fraction < 1:
+      _fail(own, "eval_fraction", self.eval_fraction, "must be in (0, 1).")
+    if self.tokenizer_vocab_size < 8:
+      _fail(own, "tokenizer_vocab_size", self.tokenizer_vocab_size, "must be >= 8.")
+    if not isinstance(self.paths, tuple):
+      object.__setattr__(self, "paths", tuple(self.paths))

@@ -1,6 +1,7 @@
 """Gin at the edge: configs/*.gin and `--gin.NAME=VALUE` flags -> the frozen config dataclasses.
 
-Nothing inside the model reads gin. Gin files bind the dataclasses' fields by their class names:
+Nothing inside the model reads gin. Gin files bind the dataclasses' fields by their class names (ModelConfig,
+MoeConfig, TrainConfig, DataConfig, MeshConfig):
 
     ModelConfig.d_model = 768
     MoeConfig.num_experts = 8          # ModelConfig.moe is always built from the MoeConfig bindings
@@ -24,9 +25,10 @@ from typing import Sequence
 
 import gin
 
-from switchx.config import ModelConfig, MoeConfig, TrainConfig
+from switchx.config import DataConfig, ModelConfig, MoeConfig, TrainConfig
+from switchx.parallel.mesh import MeshConfig
 
-CONFIG_CLASSES = {cls.__name__: cls for cls in (ModelConfig, MoeConfig, TrainConfig)}
+CONFIG_CLASSES = {cls.__name__: cls for cls in (ModelConfig, MoeConfig, TrainConfig, DataConfig, MeshConfig)}
 _GIN = {name: gin.external_configurable(cls, name=name) for name, cls in CONFIG_CLASSES.items()}
 CONFIG_ROOT = Path(os.environ.get("SWITCHX_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 CONFIG_FOLDERS = ("models", "runs", "experiments")
@@ -134,6 +136,14 @@ def train_config() -> TrainConfig:
 def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> tuple[ModelConfig, TrainConfig]:
   parse(gin_files, bindings)
   return model_config(), train_config()
+
+
+def data_config() -> DataConfig:
+  return build("DataConfig")
+
+
+def mesh_config() -> MeshConfig:
+  return build("MeshConfig")
 
 
 def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -2,8 +2,16 @@
 
 import os
 
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Built corpus and trained tokenizers are cached here for the session (and its child processes), never in ~.
+os.environ.setdefault("SWITCHX_CACHE", tempfile.mkdtemp(prefix="switchx-test-cache-"))
+# Compiled programs are cached on disk for the session: child processes (kill/resume tests, the 8-device suite)
+# and repeated builds of the same tiny models then skip XLA compilation.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["SWITCHX_CACHE"], "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import functools  # noqa: E402
 

@@ -139,7 +139,7 @@ def test_capacity_formula_and_group_shape():
   assert group_shape(4096, 1024) == (4, 1024)
   assert group_shape(24, 16) == (2, 12)                        # largest size <= 16 that divides 24
   assert group_shape(6, 4, num_partitions=3) == (3, 2)
-  with pytest.raises(ValueError, match="expert partitions"):
+  with pytest.raises(ValueError, match="batch shards"):
     group_shape(10, 4, num_partitions=4)
 
 
@@ -322,7 +322,7 @@ def test_expert_dropout_only_inside_experts_and_only_in_training():
     (lambda: MoeConfig(router="switchy"), "router"),
     (lambda: MoeConfig(expert_capacity=0), "expert_capacity"),
     (lambda: MoeConfig(dispatch="sorted"), "dispatch"),
-    (lambda: MoeConfig(num_experts=6, num_expert_partitions=4), "num_expert_partitions"),
+    (lambda: MoeConfig(num_experts=6, num_group_partitions=0), "num_group_partitions"),
     (lambda: ModelConfig(decoder_sparse="every:2", moe=MoeConfig(router="experts_choose")), "router"),
     (lambda: ModelConfig(decoder_sparse="all", moe=MoeConfig(batch_prioritized=True)), "batch_prioritized"),
 ])

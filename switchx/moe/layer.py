@@ -10,6 +10,10 @@ C capacity (slots per expert per group), K experts per token, D d_model, F exper
       index:  slot_token [G, E, C], slot_gate [G, E, C];    expert inputs = gather, outputs = scatter-add
     experts: [E, G, C, D] -> [E, G, C, D]  (weights [E, D, F], [E, F, D])
     y [G, S, D] -> [B, L, D]; a token with no expert slot gets exactly zero (the residual carries it).
+
+MoeConfig.semantics="transformers" reproduces transformers' SwitchTransformers: G = B and S = L (one group per
+sequence), C = expert_capacity, every token routed (padding too), so the metrics count every token. Its model-level
+losses come from losses.transformers_router_losses (docs/interop.md).
 """
 
 from __future__ import annotations
@@ -26,15 +30,16 @@ from switchx.nn.mlp import activation_fn
 
 def group_shape(num_tokens: int, max_group_size: int, num_partitions: int = 1) -> tuple[int, int]:
   """(G, S): the fewest groups of at most `max_group_size` tokens that split the tokens exactly, with G a
-  multiple of `num_partitions` (so groups divide evenly over expert shards).
+  multiple of `num_partitions` (so groups divide evenly over the devices that split the batch).
 
   This is the original (flaxformer) policy: group_size is a maximum, and the effective S is the largest size
   <= group_size that divides the token count. It is reported in each layer's metrics ("group_size").
   """
   if num_tokens % num_partitions:
     raise ValueError(
-        f"{num_tokens} tokens cannot be split into routing groups over {num_partitions} expert partitions: "
-        f"make batch_size * length a multiple of {num_partitions} (MoeConfig.num_expert_partitions).")
+        f"{num_tokens} tokens cannot be split into routing groups over {num_partitions} batch shards: make "
+        f"batch_size * length a multiple of {num_partitions} (MoeConfig.num_group_partitions, the mesh's "
+        "data x expert size).")
   num_groups = max(-(-num_tokens // max_group_size), 1)
   while num_tokens % num_groups or num_groups % num_partitions:
     num_groups += 1
@@ -84,7 +89,12 @@ class MoeLayer(nn.Module):
     cfg, moe = self.config, self.config.moe
     dtype = jnp.dtype(cfg.dtype)
     batch, length, d_model = x.shape
-    num_groups, group_size = group_shape(batch * length, moe.group_size, moe.num_expert_partitions)
+    hf_semantics = moe.semantics == "transformers"
+    if hf_semantics:  # transformers' SparseMLP: each sequence is a group, and every token (padding too) is routed
+      num_groups, group_size = batch, length
+      token_mask = jnp.ones((batch, length), bool)
+    else:
+      num_groups, group_size = group_shape(batch * length, moe.group_size, moe.num_group_partitions)
     num_experts, capacity = moe.num_experts, moe.capacity(group_size, train=train)
 
     tokens = x.reshape(num_groups, group_size, d_model)                        # [G, S, D]
@@ -142,6 +152,9 @@ class MoeLayer(nn.Module):
     aux = router_stats(logits, probs, mask, decision, num_experts)
     aux["capacity"] = jnp.asarray(capacity, jnp.int32)
     aux["group_size"] = jnp.asarray(group_size, jnp.int32)
+    if hf_semantics:  # per sequence, what losses.transformers_router_losses combines over a stack's layers
+      aux["argmax_fraction"] = jax.nn.one_hot(jnp.argmax(logits, -1), num_experts).mean(1)  # [B, E]
+      aux["mean_router_prob"] = probs.mean(1)                                              # [B, E]
     return y.reshape(batch, length, d_model), aux
 
 

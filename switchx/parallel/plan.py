@@ -1,0 +1,95 @@
+"""`switchx plan`: per-device memory of a config on a mesh, from shapes and shardings alone.
+
+No device is touched (jax.eval_shape and a device-less mesh description), so Switch-C-2048 on a 2048-device
+mesh can be planned on a laptop. Parameters and optimizer state are exact (the same specs training uses);
+activations are an estimate of what one training step keeps for the backward pass (formula below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from switchx.config import ModelConfig, TrainConfig
+from switchx.models.encoder_decoder import EncoderDecoder
+from switchx.parallel.partitioning import Partitioner, abstract_mesh
+from switchx.train import optim, step as step_lib
+
+
+def shard_bytes(shape, dtype, spec, mesh_shape: dict[str, int]) -> int:
+  """Bytes one device holds of an array with this PartitionSpec (dims are validated divisible)."""
+  ways = 1
+  for axes in spec:
+    for axis in (() if axes is None else (axes,) if isinstance(axes, str) else axes):
+      ways *= mesh_shape[axis]
+  return math.prod(shape) * np.dtype(dtype).itemsize // ways
+
+
+def activation_estimate(config: ModelConfig, train: TrainConfig, mesh_shape: dict[str, int]) -> int:
+  """Bytes of activations one device keeps for the backward pass of one micro-batch (an estimate).
+
+  Per token and layer: ~8 d_model-sized tensors (inputs, norms, q/k/v/out projections, residuals), the FFN
+  hidden units (2x for gated activations) split over 'model', and attention probabilities (heads split over
+  'model'); sparse layers add the dispatch and combine tensors [G, S, E, C] (the einsum path's O(S * E * C)
+  cost) and the experts' hidden units for the k * capacity-factor slots of each token. Logits [B, L, V] once.
+  """
+  model_ways = mesh_shape["model"]
+  batch_ways = mesh_shape["data"] * mesh_shape["expert"]
+  rows = train.batch_size // train.gradient_accumulation_steps // batch_ways
+  act_bytes = np.dtype(config.dtype).itemsize
+  hidden = 2 if config.activation.startswith("gated-") else 1
+  moe = config.moe
+  group = min(moe.group_size, max(rows, 1) * train.inputs_length)
+  capacity = moe.capacity(group, train=True)
+
+  def layer(tokens, keys, sparse):
+    """keys: attention keys per query (encoder: Le; decoder: Ld self + Le cross)."""
+    per_token = 8 * config.d_model + config.num_heads // model_ways * keys
+    if sparse:
+      dispatch = 2 * moe.num_experts * capacity * 4          # bool mask + float32 combine weights
+      slots = capacity * moe.num_experts / max(group, 1)    # expert slots per token (~ k * capacity factor)
+      per_token += dispatch + slots * (config.expert_d_ff * hidden // model_ways + config.d_model)
+    else:
+      per_token += config.d_ff * hidden // model_ways
+    return tokens * per_token
+
+  enc_tokens, dec_tokens = rows * train.inputs_length, rows * train.targets_length
+  total = sum(layer(enc_tokens, train.inputs_length, i in config.encoder_sparse_layers)
+              for i in range(config.num_encoder_layers))
+  total += sum(layer(dec_tokens, train.targets_length + train.inputs_length, i in config.decoder_sparse_layers)
+               for i in range(config.num_decoder_layers))
+  return int(total * act_bytes + dec_tokens * config.vocab_size // model_ways * 4)  # + float32 logits
+
+
+def plan(config: ModelConfig, train: TrainConfig, mesh_shape: dict[str, int]) -> dict:
+  """{'params_bytes', 'optimizer_bytes', 'activation_bytes', 'total_bytes'} per device, plus counts."""
+  partitioner = Partitioner(abstract_mesh(mesh_shape))
+  partitioner.check_batch(train.batch_size)
+  config = config.replace(moe=dataclasses.replace(config.moe,
+                                                  num_group_partitions=partitioner.num_batch_partitions))
+  model = EncoderDecoder(config)
+  optimizer, _ = optim.make_optimizer(train)
+  batch = lambda: {"encoder_input_tokens": jnp.ones((train.batch_size, train.inputs_length), jnp.int32),
+                   "decoder_input_tokens": jnp.ones((train.batch_size, train.targets_length), jnp.int32)}
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **batch()))["params"]
+  abstract = jax.eval_shape(lambda: step_lib.init_train_state(model, optimizer, jax.random.PRNGKey(0), batch()))
+  specs = partitioner.state_specs(abstract, boxed)
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+
+  def total(tree, spec_tree):
+    leaves = jax.tree_util.tree_leaves(tree)
+    spec_leaves = jax.tree_util.tree_leaves(spec_tree, is_leaf=is_spec)
+    return sum(shard_bytes(l.shape, l.dtype, s, mesh_shape) for l, s in zip(leaves, spec_leaves))
+
+  params_bytes = total(abstract.params, specs.params)
+  optimizer_bytes = total(abstract.opt_state, specs.opt_state)
+  activation_bytes = activation_estimate(config, train, mesh_shape)
+  return {"mesh": dict(mesh_shape), "devices": math.prod(mesh_shape.values()),
+          "params_bytes": params_bytes, "optimizer_bytes": optimizer_bytes,
+          "activation_bytes": activation_bytes,
+          "total_bytes": params_bytes + optimizer_bytes + activation_bytes,
+          "total_params": sum(math.prod(l.shape) for l in jax.tree_util.tree_leaves(abstract.params))}

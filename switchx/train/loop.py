@@ -1,0 +1,243 @@
+"""The training loop: one function in sections, from configs to a trained, checkpointed model.
+
+    summary = train(model_config, train_config, data_config, mesh_config, model_dir="/tmp/run")
+
+Sections: checks that cost nothing -> processes and mesh -> data -> model, optimizer, shardings, compiled steps
+-> restore or initialise -> loop (metrics, eval, checkpoints, signals, non-finite guard) -> final save.
+Re-running the same command resumes from the newest usable checkpoint in model_dir and, with the data position
+and RNG restored, continues exactly as an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from switchx.config import DataConfig, ModelConfig, TrainConfig, check_vocab
+from switchx.parallel.mesh import MeshConfig, make_mesh, maybe_initialize_distributed
+from switchx.parallel.partitioning import Partitioner
+from switchx.train import state as state_lib
+from switchx.train.checkpoint import Checkpointer
+from switchx.train.metrics import MetricWriter, to_python
+
+log = logging.getLogger("switchx")
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def config_record(**configs) -> dict:
+  """JSON-serialisable view of config dataclasses (what config.json holds)."""
+  return {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
+
+
+def load_data(data: DataConfig, train: TrainConfig, process_index: int = 0, process_count: int = 1):
+  """-> (tokenizer, endless train Pipeline for this process, fixed list of held-out batches)."""
+  from switchx import data as data_lib
+  if data.source == "builtin":
+    documents = data_lib.builtin_corpus()
+  elif data.source == "text":
+    documents = data_lib.read_text_files(data.paths, data.text_field)
+  else:
+    documents = data_lib.tfds_source(data.tfds_name, data.tfds_data_dir, data.train_split, data.text_field)
+  if data.source == "tfds":
+    train_docs = documents
+    eval_docs = data_lib.tfds_source(data.tfds_name, data.tfds_data_dir, data.eval_split, data.text_field)
+  else:
+    train_docs, eval_docs = data_lib.split_documents(documents, data.eval_fraction, seed=train.seed)
+  if data.tokenizer_path:
+    tokenizer = data_lib.Tokenizer.load(data.tokenizer_path)
+  else:
+    tokenizer = data_lib.train_tokenizer(train_docs, vocab_size=data.tokenizer_vocab_size)
+  local_batch = train.batch_size // process_count
+  pipeline = lambda docs, seed, index, count: data_lib.Pipeline(
+      docs, tokenizer, batch_size=local_batch, inputs_length=train.inputs_length,
+      targets_length=train.targets_length, seed=seed, pack=data.pack, process_index=index,
+      process_count=count, noise_density=data.noise_density,
+      mean_noise_span_length=data.mean_noise_span_length)
+  train_pipeline = pipeline(train_docs, train.seed, process_index, process_count)
+  eval_pipeline = pipeline(eval_docs, train.seed + 1, process_index, process_count)
+  eval_batches = [next(eval_pipeline) for _ in range(train.eval_batches)]
+  return tokenizer, train_pipeline, eval_batches
+
+
+def evaluate(run, params, batches) -> dict:
+  """Token-weighted held-out metrics."""
+  totals, tokens = {}, 0.0
+  for batch in batches:
+    metrics = jax.device_get(run.eval_step(params, run.shard_batch(batch)))
+    n = float(metrics["num_target_tokens"])
+    tokens += n
+    for key in ("cross_entropy_loss", "accuracy"):
+      totals[key] = totals.get(key, 0.0) + float(metrics[key]) * n
+    if "router/dropped_fraction" in metrics:
+      totals["router/dropped_fraction"] = totals.get("router/dropped_fraction", 0.0) + float(
+          metrics["router/dropped_fraction"]) * n
+  return {k: v / max(tokens, 1.0) for k, v in totals.items()}
+
+
+def _check_finite(step: int, metrics) -> None:
+  loss = float(metrics["loss"])
+  if np.isfinite(loss):
+    return
+  host = jax.device_get(metrics)
+  lines = [f"non-finite loss {loss} at step {step}; no checkpoint of this state was written.",
+           f"  cross_entropy_loss={to_python(host['cross_entropy_loss'])} grad_norm={to_python(host['grad_norm'])}"]
+  for name in sorted(k for k in host if k.startswith("router/") and k.count("/") == 3):
+    value = to_python(host[name])
+    if not isinstance(value, list):
+      flag = "   <-- not finite" if not np.isfinite(value) else ""
+      lines.append(f"  {name} = {value}{flag}")
+  raise NonFiniteLossError("\n".join(lines))
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
+
+
+class _StopSignals:
+  """SIGTERM / SIGINT ask the loop to save a checkpoint and stop after the current step."""
+
+  def __init__(self):
+    self.requested = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig = DataConfig(),
+          mesh_config: MeshConfig = MeshConfig(), model_dir: str | Path = "runs/switchx",
+          operative_config: str = "", show_progress: bool = True, name: str = "train") -> dict:
+  t0 = time.perf_counter()
+  # --- 1. Checks that cost nothing, and the run directory -------------------------------------------------
+  model_dir = Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  record = config_record(model=model_config, train=train_config, data=data_config, mesh=mesh_config)
+
+  # --- 2. Processes and mesh ------------------------------------------------------------------------------
+  maybe_initialize_distributed()
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if train_config.batch_size % process_count:
+    raise ValueError(f"TrainConfig.batch_size={train_config.batch_size} must be divisible by the "
+                     f"{process_count} processes (each reads its own share of the data).")
+  partitioner = Partitioner(make_mesh(mesh_config))
+  partitioner.check_batch(train_config.batch_size)
+
+  # --- 3. Data (each process reads its own share) ---------------------------------------------------------
+  tokenizer, train_data, eval_batches = load_data(data_config, train_config, process_index, process_count)
+  check_vocab(model_config, tokenizer.vocab_size - 1, f"the tokenizer's ids (vocabulary {tokenizer.vocab_size})")
+
+  # --- 4. Model, optimizer, shardings (validated), compiled steps ------------------------------------------
+  global_shapes = {k: np.zeros((train_config.batch_size,) + v.shape[1:], v.dtype) for k, v in
+                   eval_batches[0].items()}
+  run = state_lib.build(model_config, train_config, partitioner, global_shapes)
+
+  # --- 5. Restore or initialise -----------------------------------------------------------------------------
+  checkpoints = Checkpointer(model_dir / "checkpoints", keep=train_config.keep_checkpoints)
+  if checkpoints.steps():
+    state, meta, step = checkpoints.restore(run.abstract_state())
+    if meta.get("config", {}).get("model") != json.loads(json.dumps(record["model"])):
+      raise ValueError(f"the checkpoint in {model_dir} was made with a different ModelConfig; use another "
+                       "--model_dir or the original config.")
+    train_data.set_state(meta["data"])
+    log.info("resumed from step %d", step)
+  else:
+    state, step = run.init(jax.random.PRNGKey(train_config.seed)), 0
+  if process_index == 0:
+    (model_dir / "config.json").write_text(json.dumps(record, indent=1))
+    if operative_config:
+      (model_dir / "config.gin").write_text(operative_config)
+  rng = jax.random.PRNGKey(train_config.seed + 1)  # folded with the step inside train_step
+
+  def save(step, state):
+    checkpoints.save(step, state, {"data": train_data.get_state(), "config": record})
+
+  # --- 6. The loop ------------------------------------------------------------------------------------------
+  writer = MetricWriter(model_dir, enabled=process_index == 0)
+  progress = None
+  if show_progress and process_index == 0:
+    from tqdm import tqdm
+    progress = tqdm(total=train_config.num_train_steps, initial=step, desc=name, unit="step", file=sys.stdout,
+                    dynamic_ncols=True, mininterval=1.0)
+  history, eval_history, pending = [], [], None
+  tokens_per_step = train_config.batch_size * (train_config.inputs_length + train_config.targets_length)
+  timed_steps, timer = 0, None
+  interrupted = None
+  try:
+    with _StopSignals() as signals:
+      while step < train_config.num_train_steps:
+        batch = run.shard_batch(next(train_data))
+        state, metrics = run.train_step(state, batch, rng)
+        step += 1
+        if pending is not None:
+          _check_finite(*pending)                      # one step behind, so the device queue stays full
+        pending = (step, metrics)
+        if timer is None:
+          jax.block_until_ready(metrics)
+          timer = time.perf_counter()                  # throughput excludes the first (compiling) step
+        else:
+          timed_steps += 1
+        if progress:
+          progress.update(1)
+        last = step == train_config.num_train_steps
+        if step % train_config.log_every == 0 or step == 1 or last or signals.requested:
+          _check_finite(*pending)
+          host = {k: to_python(v) for k, v in jax.device_get(metrics).items()}
+          host["tokens_per_s"] = timed_steps * tokens_per_step / max(time.perf_counter() - timer, 1e-9)
+          writer.write(step, host)
+          history.append({"step": step, **host})
+          if progress:
+            postfix = {"loss": f"{host['cross_entropy_loss']:.3f}", "tok/s": f"{host['tokens_per_s']:,.0f}"}
+            if "router/dropped_fraction" in host:
+              postfix["dropped"] = f"{100 * host['router/dropped_fraction']:.1f}%"
+            progress.set_postfix(postfix, refresh=False)
+        if (train_config.eval_every and step % train_config.eval_every == 0) or last:
+          eval_metrics = evaluate(run, state.params, eval_batches)
+          writer.write(step, eval_metrics, prefix="eval/")
+          eval_history.append({"step": step, **eval_metrics})
+        if (train_config.checkpoint_every and step % train_config.checkpoint_every == 0) or last \
+            or signals.requested:
+          _check_finite(*pending)                      # never checkpoint a non-finite state:
+          if not bool(_all_finite(state.params)):      # (a finite loss can still leave inf parameters)
+            raise NonFiniteLossError(f"parameters became non-finite in the update of step {step}; no "
+                                     f"checkpoint of this state was written (last step's metrics: "
+                                     f"loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])})")
+          save(step, state)
+        if signals.requested:
+          interrupted = signals.requested
+          log.warning("%s received: saved a checkpoint at step %d and stopped", interrupted, step)
+          break
+  finally:  # also on errors: finish writing the (good) checkpoints already started
+    if progress:
+      progress.close()
+    checkpoints.close()
+    writer.close()
+  last_train = history[-1] if history else {}
+  return {
+      "name": name, "model_dir": str(model_dir), "final_step": step, "interrupted": interrupted,
+      "train_loss": last_train.get("cross_entropy_loss"), "initial_train_loss":
+      history[0].get("cross_entropy_loss") if history else None,
+      "eval_loss": eval_history[-1]["cross_entropy_loss"] if eval_history else None,
+      "tokens_per_s": last_train.get("tokens_per_s"), "dropped_fraction": last_train.get("router/dropped_fraction"),
+      "history": history, "eval_history": eval_history, "wall_s": time.perf_counter() - t0,
+  }

@@ -1,0 +1,117 @@
+"""Sharded training state and compiled steps: the bridge between the pure steps (step.py) and a mesh.
+
+    run = build(model_config, train_config, partitioner, example_batch)
+    state = run.init(jax.random.PRNGKey(0))                  # each device creates only its own shards
+    state, metrics = run.train_step(state, run.shard_batch(batch), rng)
+
+Everything that can be wrong with a config and a mesh (a dimension the mesh does not divide, an axis name
+without a rule, a batch the data axes do not split) is raised in `build`, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from switchx.config import ModelConfig, TrainConfig
+from switchx.models.encoder_decoder import EncoderDecoder
+from switchx.parallel.partitioning import Partitioner
+from switchx.train import optim, step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """A model, its optimizer and its compiled, sharded steps."""
+
+  config: ModelConfig                 # with MoeConfig.num_group_partitions set from the mesh
+  train_config: TrainConfig
+  partitioner: Partitioner
+  model: EncoderDecoder
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_specs: Any                    # TrainState of PartitionSpecs
+  boxed_params: Any                   # abstract parameters with their logical names
+  _init: Callable
+  _train_step: Callable
+  _eval_step: Callable
+  _grads: Callable
+
+  @property
+  def state_shardings(self):
+    return self.partitioner.shardings(self.state_specs)
+
+  def abstract_state(self):
+    """ShapeDtypeStructs carrying the target shardings (what a checkpoint restores onto)."""
+    shapes = jax.eval_shape(self._init, jax.random.PRNGKey(0))
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  shapes, self.state_shardings)
+
+  def shard_batch(self, batch: dict) -> dict:
+    """Host numpy batch (this process's rows) -> global arrays split over the batch axes."""
+    sharding = self.partitioner.batch_sharding
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+  def init(self, rng):
+    with self.partitioner.context():
+      return self._init(rng)
+
+  def train_step(self, state, batch, rng):
+    with self.partitioner.context():
+      return self._train_step(state, batch, rng)
+
+  def eval_step(self, params, batch):
+    with self.partitioner.context():
+      return self._eval_step(params, batch)
+
+  def grads(self, params, batch, rng, train: bool = True):
+    """(loss, metrics), gradients of one batch: for inspection and the sharding tests."""
+    with self.partitioner.context():
+      return self._grads(params, batch, rng, train)
+
+
+def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partitioner, example_batch: dict) -> Run:
+  """Validates the config against the mesh and compiles (lazily) init / train / eval steps with shardings."""
+  moe = dataclasses.replace(config.moe, num_group_partitions=partitioner.num_batch_partitions)
+  config = config.replace(moe=moe)
+  partitioner.check_batch(train_config.batch_size)
+  model = EncoderDecoder(config)
+  optimizer, schedule = optim.make_optimizer(train_config)
+  # Shapes only: a batch-1 example would violate the batch split, so trace with the real batch shape.
+  batch_shapes = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in example_batch.items()}
+  dummy_batch = lambda: {k: jnp.ones(s.shape, s.dtype) for k, s in batch_shapes.items()}
+  init_fn = lambda rng: step_lib.init_train_state(model, optimizer, rng, dummy_batch())
+  with partitioner.context():
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **step_lib.model_inputs(dummy_batch())))
+    boxed_params = boxed["params"]
+    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  state_specs = partitioner.state_specs(abstract_state, boxed_params)   # raises on anything that won't split
+  shardings = partitioner.shardings(state_specs)
+  batch_sharding, replicated = partitioner.batch_sharding, partitioner.replicated
+
+  init = jax.jit(init_fn, out_shardings=shardings)
+  train_step = jax.jit(
+      functools.partial(step_lib.train_step, model=model, optimizer=optimizer, schedule=schedule,
+                        z_loss_coef=train_config.z_loss_coef,
+                        accumulation_steps=train_config.gradient_accumulation_steps),
+      in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated),
+      donate_argnums=(0,))
+  eval_step = jax.jit(functools.partial(step_lib.eval_step, model=model),
+                      in_shardings=(shardings.params, batch_sharding), out_shardings=replicated)
+
+  def loss_and_grads(params, batch, rng, train):
+    fn = functools.partial(step_lib.loss_and_metrics, model=model, z_loss_coef=train_config.z_loss_coef,
+                           train=train)
+    return jax.value_and_grad(fn, has_aux=True)(params, batch, rng)
+
+  grads = jax.jit(loss_and_grads, static_argnums=(3,),
+                  in_shardings=(shardings.params, batch_sharding, replicated),
+                  out_shardings=((replicated, replicated), shardings.params))
+  return Run(config, train_config, partitioner, model, optimizer, schedule, state_specs, boxed_params,
+             init, train_step, eval_step, grads)
