@@ -1,5 +1,9 @@
 """The training objective: cross-entropy (+ output-logit z-loss) normalised by real target tokens, plus the MoE
-layers' load-balancing and router z-losses. One function combines them, with consistent metric names."""
+layers' load-balancing and router z-losses. One function combines them, with consistent metric names.
+
+With MoeConfig.semantics="transformers" the MoE terms are transformers' SwitchTransformers router losses
+(`transformers_router_losses`), so total_loss equals transformers' loss for the same inputs.
+"""
 
 from __future__ import annotations
 
@@ -31,16 +35,46 @@ def moe_losses(config: ModelConfig, moe_aux: dict) -> tuple[jax.Array, jax.Array
   return balance, router_z
 
 
+def transformers_router_losses(config: ModelConfig, moe_aux: dict) -> tuple[jax.Array, jax.Array]:
+  """(load-balancing loss, router z-loss) as transformers' SwitchTransformersForConditionalGeneration computes
+  them, unweighted; needs the aux of layers run with MoeConfig.semantics="transformers".
+
+  Per stack, over the concatenation of its sparse layers' router logits [B, n_layers * L, E]:
+    z = mean over all tokens (padding included) of logsumexp(logits)^2
+    balance = E^2 * mean over (B, E) of f * P, f = fraction of tokens whose argmax (pre-capacity) is e,
+              P = mean router probability, both per sequence.
+  Concatenating equal-length layers averages f and P over layers (then multiplies), and z over layers.
+  As in transformers 5.24, a stack contributes only when its sparse step is > 1, i.e. when some but not all of
+  its layers are sparse; a stack whose layers are all sparse (step 1) contributes 0. The stacks' terms add.
+  """
+  balance = router_z = jnp.zeros((), jnp.float32)
+  for stack, layers, num_layers in (("encoder", config.encoder_sparse_layers, config.num_encoder_layers),
+                                    ("decoder", config.decoder_sparse_layers, config.num_decoder_layers)):
+    if not 0 < len(layers) < num_layers:
+      continue
+    stack_aux = [moe_aux[f"{stack}/layers_{i}"] for i in layers]
+    mean_over_layers = lambda key: jnp.mean(jnp.stack([aux[key] for aux in stack_aux]), axis=0)
+    fraction, mean_prob = mean_over_layers("argmax_fraction"), mean_over_layers("mean_router_prob")  # [B, E]
+    balance += fraction.shape[-1] ** 2 * jnp.mean(fraction * mean_prob)
+    router_z += mean_over_layers("router_z_loss")
+  return balance, router_z
+
+
 def total_loss(config: ModelConfig, logits: jax.Array, moe_aux: dict, batch: dict,
-               z_loss_coef: float = 1e-4, num_tokens: jax.Array | None = None,
+               z_loss_coef: float | None = None, num_tokens: jax.Array | None = None,
                moe_weight: float = 1.0) -> tuple[jax.Array, dict]:
   """The scalar to differentiate and the metrics to log.
 
-  loss = (CE + output z-loss) / real target tokens + balance_coef * sum_layers(balance) + router_z_coef *
-  sum_layers(router z). Metrics are named `*_loss` for losses, `router/*` for router statistics.
+  loss = (CE + output z-loss) / real target tokens + balance_coef * balance + router_z_coef * router z, where
+  balance and router z are sums over layers (semantics "switch") or transformers_router_losses (semantics
+  "transformers"). z_loss_coef (output-logit z-loss) None means 1e-4 under "switch" and 0 under "transformers",
+  which has none. Metrics are named `*_loss` for losses, `router/*` for router statistics.
   With gradient accumulation each micro-batch passes the whole batch's `num_tokens` and `moe_weight` =
   1 / micro-batches, so the micro-batch losses add up to the whole batch's loss.
   """
+  hf_semantics = config.moe.semantics == "transformers"
+  if z_loss_coef is None:
+    z_loss_coef = 0.0 if hf_semantics else 1e-4
   targets = batch["decoder_target_tokens"]
   weights = batch.get("decoder_loss_weights")
   if weights is None:
@@ -49,7 +83,7 @@ def total_loss(config: ModelConfig, logits: jax.Array, moe_aux: dict, batch: dic
     num_tokens = weights.sum()
   num_tokens = jnp.maximum(num_tokens, 1.0)
   ce, z, correct = cross_entropy(logits, targets, weights, z_loss_coef)
-  balance, router_z = moe_losses(config, moe_aux)
+  balance, router_z = (transformers_router_losses if hf_semantics else moe_losses)(config, moe_aux)
   moe = config.moe
   moe_term = moe.load_balance_loss_coef * balance + moe.router_z_loss_coef * router_z
   loss = (ce + z) / num_tokens + moe_weight * moe_term
