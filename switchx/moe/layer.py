@@ -125,7 +125,9 @@ class MoeLayer(nn.Module):
     # 2. Dispatch: move each token into its expert's buffer.
     if moe.dispatch == "einsum":
       dispatch, combine = decision.dense(num_experts, capacity)               # [G, S, E, C] each
-      expert_in = matmul("gsec,gsd->egcd", dispatch, tokens, dtype)            # [E, G, C, D]
+      # Group-major dots, transposed outside: XLA's CPU backend rejects bf16 x bf16 -> f32 dots whose batch
+      # dimension is not leading, and autodiff of an 'egcd' output produces exactly those.
+      expert_in = jnp.swapaxes(matmul("gsec,gsd->gecd", dispatch, tokens, dtype), 0, 1)  # [E, G, C, D]
     else:
       slot_token, slot_gate = decision.slots(num_experts, capacity)          # [G, E, C] each
       padded = jnp.pad(tokens, ((0, 0), (0, 1), (0, 0)))                     # [G, S+1, D]; row S: empty slot
@@ -142,7 +144,7 @@ class MoeLayer(nn.Module):
 
     # 4. Combine: weight each expert output by its gate and return it to its token (all-to-all back).
     if moe.dispatch == "einsum":
-      y = matmul("gsec,egcd->gsd", combine, expert_out, dtype)                # [G, S, D]
+      y = matmul("gsec,gecd->gsd", combine, jnp.swapaxes(expert_out, 0, 1), dtype)  # [G, S, D]
     else:
       weighted = jnp.swapaxes(expert_out, 0, 1).astype(jnp.float32) * slot_gate[..., None]  # [G, E, C, D]
       y = jax.vmap(lambda idx, rows: jnp.zeros((group_size + 1, d_model), jnp.float32).at[idx].add(rows))(
