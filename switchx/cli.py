@@ -113,6 +113,113 @@ def _convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def _bound(name: str) -> dict:
+  """The fields of config class `name` that the parsed gin files and flags bind (not its defaults)."""
+  import gin
+  return dict(gin.get_bindings(name))
+
+
+def _checkpoint_path(args: argparse.Namespace) -> str:
+  from pathlib import Path
+  return str(Path(args.model_dir) / "best") if args.best else args.model_dir
+
+
+def _eval(args: argparse.Namespace) -> int:
+  import json
+  from switchx import gin_config
+  from switchx.parallel.mesh import MeshConfig
+  from switchx.train.evaluate import EVAL_FILE, evaluate_run
+  gin_config.parse(args.gin_file, args.gin_bindings)
+  mesh = MeshConfig.parse(args.mesh) if args.mesh else gin_config.mesh_config()
+  result = evaluate_run(_checkpoint_path(args), _bound("ModelConfig"), _bound("MoeConfig"), _bound("TrainConfig"),
+                        mesh)
+  print(f"{result['checkpoint']} (step {result['step']})")
+  for key, value in result.items():
+    if isinstance(value, float):
+      print(f"  {key:<32s} {value:.4f}")
+  for layer, metrics in result.get("router", {}).items():
+    usage = json.dumps([round(u, 3) for u in metrics["expert_usage"]])
+    print(f"  {layer:<20s} dropped {metrics['dropped_fraction']:.2%}  confidence "
+          f"{metrics['router_confidence']:.3f}  usage {usage}")
+  print(f"wrote {args.model_dir}/{EVAL_FILE}")
+  return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+  from switchx import gin_config
+  from switchx.decode import decode_texts
+  from switchx.train import restore
+  gin_config.parse(args.gin_file, args.gin_bindings)
+  flags = {name: getattr(args, name) for name in ("strategy", "max_decode_length", "beam_size", "length_penalty",
+                                                  "temperature", "top_k", "top_p", "seed", "moe_routing")
+           if getattr(args, name) is not None}
+  decode_config = gin_config.build("DecodeConfig", **flags)
+  texts = list(args.input)
+  if args.input_file:
+    with open(args.input_file, encoding="utf-8") as f:
+      texts += [line.rstrip("\n") for line in f if line.strip()]
+  if not texts:
+    raise ValueError("nothing to decode: give --input TEXT (repeatable) or --input_file FILE (one input a line).")
+  path = _checkpoint_path(args)
+  loaded = restore.load_model(path)
+  config = restore.apply_overrides(loaded.config, _bound("ModelConfig"), _bound("MoeConfig"))
+  tokenizer = restore.load_tokenizer(path, gin_config.data_config())
+  outputs = decode_texts(config, loaded.params, tokenizer, texts, decode_config, batch_size=args.batch_size)
+  for text, output in zip(texts, outputs):
+    print(output if args.quiet else f"{text}\t-> {output}")
+  return 0
+
+
+def parse_task(text: str):
+  """--task NAME=TRAIN.jsonl[,VALIDATION.jsonl][@RATE] -> a TaskConfig."""
+  from switchx.config import TaskConfig
+  name, sep, rest = text.partition("=")
+  rate = 1.0
+  if "@" in rest:
+    rest, rate_text = rest.rsplit("@", 1)
+    try:
+      rate = float(rate_text)
+    except ValueError:
+      rate = float("nan")
+  paths = [p for p in rest.split(",") if p]
+  if not (sep and name and 1 <= len(paths) <= 2):
+    raise ValueError(f"--task {text!r}: expected NAME=TRAIN.jsonl[,VALIDATION.jsonl][@RATE], e.g. "
+                     "topics=task/train.jsonl,task/validation.jsonl@2.")
+  return TaskConfig(name=name, train_path=paths[0], validation_path=paths[1] if len(paths) > 1 else "",
+                    rate=rate)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+  import logging
+  from switchx import gin_config
+  from switchx.parallel.mesh import MeshConfig
+  from switchx.train.finetune import finetune
+  from switchx.train.loop import NonFiniteLossError
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("switchx").setLevel(logging.INFO)    # also when a library configured logging first
+  cli_tasks = tuple(parse_task(t) for t in args.task)          # bad --task flags fail before anything loads
+  gin_config.parse(["runs/finetune"] + list(args.gin_file), args.gin_bindings)
+  flags = {name: getattr(args, name) for name in ("init_from", "freeze") if getattr(args, name) is not None}
+  finetune_config = gin_config.build("FinetuneConfig", **flags)
+  if cli_tasks:
+    import dataclasses
+    finetune_config = dataclasses.replace(finetune_config, tasks=finetune_config.tasks + cli_tasks)
+  mesh = MeshConfig.parse(args.mesh) if args.mesh else gin_config.mesh_config()
+  try:
+    summary = finetune(gin_config.train_config(), finetune_config, args.model_dir,
+                       model_changes=_bound("ModelConfig"), moe_changes=_bound("MoeConfig"), mesh_config=mesh,
+                       data_config=gin_config.data_config(), operative_config=gin_config.operative_config())
+  except NonFiniteLossError as e:
+    print(f"switchx finetune: stopped: {e}", file=sys.stderr)
+    return 3
+  best = summary["best"]
+  print(f"step {summary['final_step']}"
+        + (f": best {best['metric']} {best['value']:.4f} at step {best['step']} ({args.model_dir}/best)"
+           if best else "")
+        + (f" (stopped by {summary['interrupted']})" if summary["interrupted"] else ""))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="switchx", description="Switch Transformers and sparse MoE in JAX/Flax.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -152,6 +259,47 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument("--config", default="", help="t5x only: a switchx config.json describing the model "
                                                      "(or give its preset with --gin_file)")
   convert.set_defaults(run=_convert)
+
+  evaluate = sub.add_parser("eval", help="held-out metrics of a run's newest checkpoint (eval capacity factor): "
+                                         "neg. log perplexity, token accuracy, router metrics -> eval.json")
+  _add_gin_flags(evaluate)
+  evaluate.add_argument("--model_dir", required=True, help="a `switchx train` or `switchx finetune` directory")
+  evaluate.add_argument("--best", action="store_true", help="the run's best checkpoint (fine-tuning runs)")
+  evaluate.add_argument("--mesh", default="", help="mesh axis sizes (default: all devices on 'data')")
+  evaluate.set_defaults(run=_eval)
+
+  decode = sub.add_parser("decode", help="generate text from a run's newest checkpoint (or a saved model)")
+  _add_gin_flags(decode)
+  decode.add_argument("--model_dir", required=True, help="a run directory, or a switchx.save / transformers one")
+  decode.add_argument("--best", action="store_true", help="the run's best checkpoint (fine-tuning runs)")
+  decode.add_argument("--input", action="append", default=[], help="input text (repeatable)")
+  decode.add_argument("--input_file", default="", help="a text file, one input a line")
+  decode.add_argument("--strategy", choices=("greedy", "beam", "sample"), default=None)
+  decode.add_argument("--max_decode_length", type=int, default=None)
+  decode.add_argument("--beam_size", type=int, default=None)
+  decode.add_argument("--length_penalty", type=float, default=None, help="beam: alpha in ((5 + len) / 6) ** alpha")
+  decode.add_argument("--temperature", type=float, default=None, help="sample: 0 takes the most likely token")
+  decode.add_argument("--top_k", type=int, default=None)
+  decode.add_argument("--top_p", type=float, default=None)
+  decode.add_argument("--seed", type=int, default=None)
+  decode.add_argument("--moe_routing", choices=("no_drop", "eval_capacity"), default=None,
+                      help="MoE routing while decoding (default no_drop: nothing dropped; docs/finetuning.md)")
+  decode.add_argument("--batch_size", type=int, default=None, help="inputs decoded together (default: all)")
+  decode.add_argument("--quiet", action="store_true", help="print only the outputs, one a line")
+  decode.set_defaults(run=_decode)
+
+  tune = sub.add_parser("finetune", help="fine-tune a checkpoint on a task or a mixture of tasks (configs/runs/"
+                                         "finetune.gin is applied first: Adafactor, constant 1e-3, dropout 0.1)")
+  _add_gin_flags(tune)
+  tune.add_argument("--model_dir", required=True, help="checkpoints/ (latest), best/ (best metric), metrics")
+  tune.add_argument("--init_from", default=None, help="a `switchx train` / `switchx finetune` directory (or its "
+                                                      "best/), or a switchx.save / transformers directory")
+  tune.add_argument("--task", action="append", default=[],
+                    help="NAME=TRAIN.jsonl[,VALIDATION.jsonl][@RATE] (repeatable: a mixture at those rates); "
+                         "tfds tasks and input prefixes through gin (TaskConfig)")
+  tune.add_argument("--freeze", choices=("none", "experts", "non_experts", "router"), default=None)
+  tune.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1")
+  tune.set_defaults(run=_finetune)
   return parser
 
 
@@ -166,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     return args.run(args)
-  except ValueError as e:  # bad input: say what is wrong and how to fix it, without a traceback
+  except (ValueError, FileNotFoundError) as e:  # bad input: say what is wrong and how to fix it, no traceback
     print(f"switchx {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -345,3 +345,119 @@ class DataConfig:
       _fail(own, "tokenizer_vocab_size", self.tokenizer_vocab_size, "must be >= 8.")
     if not isinstance(self.paths, tuple):
       object.__setattr__(self, "paths", tuple(self.paths))
+
+
+DECODE_STRATEGIES = ("greedy", "beam", "sample")
+# How MoE layers route while decoding. "no_drop": capacity = group size, so nothing is dropped and a sequence's
+# output never depends on the other rows of the batch (the default). "eval_capacity": the model's own
+# MoeConfig.eval_capacity_factor (or expert_capacity), as in evaluation; each step then routes the batch's
+# current tokens together, so rows can crowd each other out of an expert.
+DECODE_ROUTING = ("no_drop", "eval_capacity")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """How switchx.decode generates text: the search strategy and its settings (switchx/decode.py)."""
+
+  strategy: str = "greedy"               # "greedy", "beam" or "sample"
+  max_decode_length: int = 64            # generated tokens per row, EOS included
+  beam_size: int = 4                     # beam: hypotheses kept per row
+  length_penalty: float = 0.6            # beam: T5's alpha; scores are log p / ((5 + length) / 6) ** alpha
+  temperature: float = 1.0               # sample: logits / temperature; 0 takes the most likely token
+  top_k: int = 0                         # sample: only the k most likely tokens (0: no limit)
+  top_p: float = 1.0                     # sample: only the smallest set of tokens with probability >= top_p
+  seed: int = 0                          # sample: the random stream
+  moe_routing: str = "no_drop"           # see DECODE_ROUTING
+
+  def __post_init__(self):
+    own = "DecodeConfig"
+    if self.strategy not in DECODE_STRATEGIES:
+      _fail(own, "strategy", self.strategy, f"choose one of {DECODE_STRATEGIES}.")
+    if self.max_decode_length < 1:
+      _fail(own, "max_decode_length", self.max_decode_length, "must be >= 1 token.")
+    if self.beam_size < 1:
+      _fail(own, "beam_size", self.beam_size, "must be >= 1 (1 is greedy search with EOS bookkeeping).")
+    if not (math.isfinite(self.length_penalty) and self.length_penalty >= 0):
+      _fail(own, "length_penalty", self.length_penalty, "must be a finite number >= 0 (0: no penalty).")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      _fail(own, "temperature", self.temperature, "must be >= 0 (0: always the most likely token).")
+    if self.top_k < 0:
+      _fail(own, "top_k", self.top_k, "must be >= 0 (0: no limit).")
+    if not 0 < self.top_p <= 1:
+      _fail(own, "top_p", self.top_p, "must be in (0, 1] (1: no limit).")
+    if self.moe_routing not in DECODE_ROUTING:
+      _fail(own, "moe_routing", self.moe_routing, f"choose one of {DECODE_ROUTING}.")
+
+
+TASK_SOURCES = ("jsonl", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """One fine-tuning task: (input, target) text pairs from JSON-lines files or a prepared tfds dataset."""
+
+  name: str = ""
+  source: str = "jsonl"                  # "jsonl": local files of {"input": ..., "target": ...}; "tfds"
+  train_path: str = ""                   # jsonl
+  validation_path: str = ""              # jsonl; "" holds out nothing (no task metrics for this task)
+  tfds_name: str = ""                    # tfds: e.g. "glue/sst2:2.0.0", prepared as array_record
+  tfds_data_dir: str = ""
+  train_split: str = "train"
+  validation_split: str = "validation"
+  input_field: str = "input"             # the record's field holding the input text
+  target_field: str = "target"           # ... and the target text
+  input_prefix: str = ""                 # prepended to every input, e.g. "topic: " (T5's task prefixes)
+  rate: float = 1.0                      # relative sampling rate in a mixture (normalised over the tasks)
+
+  def __post_init__(self):
+    own = f"TaskConfig({self.name!r})" if self.name else "TaskConfig"
+    if not self.name:
+      _fail(own, "name", self.name, "every task needs a name (it labels its metrics).")
+    if self.source not in TASK_SOURCES:
+      _fail(own, "source", self.source, f"choose one of {TASK_SOURCES}.")
+    if self.source == "jsonl" and not self.train_path:
+      _fail(own, "train_path", self.train_path, "source='jsonl' needs a JSON-lines file of training pairs.")
+    if self.source == "tfds" and not (self.tfds_name and self.tfds_data_dir):
+      _fail(own, "tfds_data_dir" if self.tfds_name else "tfds_name", "",
+            "source='tfds' needs tfds_name and tfds_data_dir (a directory where the dataset was prepared).")
+    if not (math.isfinite(self.rate) and self.rate > 0):
+      _fail(own, "rate", self.rate, "a mixture rate must be a finite number > 0; drop the task to leave it out.")
+    if not (self.input_field and self.target_field):
+      _fail(own, "input_field" if not self.input_field else "target_field", "", "must name a field.")
+
+
+FREEZE_OPTIONS = ("none", "experts", "non_experts", "router")
+FINETUNE_METRICS = ("exact_match", "token_accuracy", "neg_log_perplexity")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Fine-tuning a checkpoint on a task or a mixture of tasks (switchx/train/finetune.py)."""
+
+  init_from: str = ""                    # a switchx run directory (its newest checkpoint; DIR/best for the
+                                         # best one) or a switchx.save / transformers directory
+  tasks: tuple[TaskConfig, ...] = ()     # one task, or a mixture sampled by the tasks' rates
+  freeze: str = "none"                   # "none", "experts", "non_experts" (all but the experts) or "router"
+  pack: bool = True                      # several short examples per row (False: one example per row)
+  eval_examples: int = 256               # validation examples per task scored and decoded each eval (0: all)
+  max_decode_length: int = 0             # greedy decodes of the eval; 0: TrainConfig.targets_length
+  best_metric: str = "exact_match"       # averaged over the tasks; the best checkpoint keeps its maximum
+
+  def __post_init__(self):
+    own = "FinetuneConfig"
+    if not isinstance(self.tasks, tuple):
+      object.__setattr__(self, "tasks", tuple(self.tasks))
+    for task in self.tasks:
+      if not isinstance(task, TaskConfig):
+        _fail(own, "tasks", task, "every task must be a TaskConfig.")
+    names = [task.name for task in self.tasks]
+    if len(set(names)) != len(names):
+      _fail(own, "tasks", names, "task names must be unique (they label the metrics and the sampler state).")
+    if self.freeze not in FREEZE_OPTIONS:
+      _fail(own, "freeze", self.freeze, f"choose one of {FREEZE_OPTIONS}.")
+    if self.eval_examples < 0:
+      _fail(own, "eval_examples", self.eval_examples, "must be >= 0 (0: the whole validation split).")
+    if self.max_decode_length < 0:
+      _fail(own, "max_decode_length", self.max_decode_length, "must be >= 0 (0: TrainConfig.targets_length).")
+    if self.best_metric not in FINETUNE_METRICS:
+      _fail(own, "best_metric", self.best_metric, f"choose one of {FINETUNE_METRICS}.")

@@ -1,7 +1,7 @@
 """Gin at the edge: configs/*.gin and `--gin.NAME=VALUE` flags -> the frozen config dataclasses.
 
 Nothing inside the model reads gin. Gin files bind the dataclasses' fields by their class names (ModelConfig,
-MoeConfig, TrainConfig, DataConfig, MeshConfig):
+MoeConfig, TrainConfig, DataConfig, MeshConfig, DecodeConfig, TaskConfig, FinetuneConfig):
 
     ModelConfig.d_model = 768
     MoeConfig.num_experts = 8          # ModelConfig.moe is always built from the MoeConfig bindings
@@ -25,10 +25,12 @@ from typing import Sequence
 
 import gin
 
-from switchx.config import DataConfig, ModelConfig, MoeConfig, TrainConfig
+from switchx.config import (DataConfig, DecodeConfig, FinetuneConfig, ModelConfig, MoeConfig, TaskConfig,
+                            TrainConfig)
 from switchx.parallel.mesh import MeshConfig
 
-CONFIG_CLASSES = {cls.__name__: cls for cls in (ModelConfig, MoeConfig, TrainConfig, DataConfig, MeshConfig)}
+CONFIG_CLASSES = {cls.__name__: cls for cls in (ModelConfig, MoeConfig, TrainConfig, DataConfig, MeshConfig,
+                                                DecodeConfig, TaskConfig, FinetuneConfig)}
 _GIN = {name: gin.external_configurable(cls, name=name) for name, cls in CONFIG_CLASSES.items()}
 CONFIG_ROOT = Path(os.environ.get("SWITCHX_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 CONFIG_FOLDERS = ("models", "runs", "experiments")

@@ -2,7 +2,6 @@
 checkpoints, the non-finite guard, and bad input rejected before training starts."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -193,16 +193,21 @@ def _split_paragraphs(text: str) -> list[str]:
   return paragraphs
 
 
-def _parse_json_lines(path: Path, text: str, text_field: str) -> list[str]:
-  documents = []
+def json_records(label: str, text: str, example: str):
+  """(line number, JSON object) for each non-blank line; a line that is not JSON is an error naming it."""
   for line_number, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
       continue
     try:
-      record = json.loads(line)
+      yield line_number, json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg}). "
-                       "Each line must be one JSON object, e.g. {\"text\": \"...\"}.") from None
+      raise ValueError(f"{label}, line {line_number}: not valid JSON ({e.msg}). "
+                       f"Each line must be one JSON object, e.g. {example}.") from None
+
+
+def _parse_json_lines(path: Path, text: str, text_field: str) -> list[str]:
+  documents = []
+  for line_number, record in json_records(str(path), text, '{"text": "..."}'):
     if not isinstance(record, dict) or text_field not in record:
       raise ValueError(f"{path}, line {line_number}: no {text_field!r} field. "
                        "Pass text_field=... to read another field.")

@@ -5,6 +5,15 @@ Legend: B batch, Le encoder length, Ld decoder length, D d_model, H heads, V voc
     logits, moe_aux = EncoderDecoder(config).apply(
         {"params": params}, encoder_input_tokens, decoder_input_tokens, train=False)
 
+Incremental decoding (switchx/decode.py drives it) runs the encoder once and the decoder one token at a time
+over a key/value cache (the flax "cache" collection):
+
+    encoded, _ = model.apply(variables, encoder_input_tokens, method=EncoderDecoder.encode)
+    _, cache = model.apply(variables, encoded, encoder_input_tokens, jnp.zeros([B, L_max], int),
+                           method=EncoderDecoder.decode, mutable=["cache"])        # creates an empty cache
+    logits, aux = model.apply({**variables, **cache}, encoded, encoder_input_tokens, token [B, 1],
+                              method=EncoderDecoder.decode, mutable=["cache"])     # one step -> [B, 1, V]
+
 Token id 0 is padding. Packed examples carry *_segment_ids (0 = padding, 1, 2, ... one per example in a row)
 and *_positions (restarting at 0 per example); attention never crosses segments. `moe_aux` maps each sparse
 layer's name ("encoder/layers_1", ...) to its losses and router metrics (see moe/layer.py: router_stats).
@@ -59,15 +68,17 @@ class DecoderLayer(nn.Module):
   sparse: bool = False
 
   @nn.compact
-  def __call__(self, x, encoded, self_bias, cross_bias, token_mask, train: bool):
+  def __call__(self, x, encoded, self_bias, cross_bias, token_mask, train: bool, decode: bool = False):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.kv_dim, cfg.dropout_rate, cfg.init_scale,
                                                 dtype, name=name)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
-    x = x + dropout(attention("self_attention")(h, h, self_bias, deterministic=not train))
+    x = x + dropout(attention("self_attention")(h, h, self_bias, deterministic=not train,
+                                                kv_cache="self" if decode else None))
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
-    x = x + dropout(attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic=not train))
+    x = x + dropout(attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic=not train,
+                                                           kv_cache="cross" if decode else None))
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
     h, aux = feed_forward(cfg, self.sparse, h, token_mask, train)
     x = x + dropout(h)
@@ -112,20 +123,28 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded, encoder_valid, tokens, target_tokens=None, segment_ids=None, positions=None,
-               encoder_segment_ids=None, train: bool = False):
+               encoder_segment_ids=None, train: bool = False, decode: bool = False):
+    """decode=True: cached decoding (see EncoderDecoder.decode); the first such call creates the cache."""
     cfg = self.config
-    # Decoder inputs start with token 0, so padding is told by segment ids or targets, not by the inputs.
-    if segment_ids is not None:
-      valid = segment_ids > 0
-    elif target_tokens is not None:
-      valid = target_tokens > 0
+    relpos_bias = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                                       cfg.num_heads, bidirectional=False, name="relpos_bias")
+    if decode and self.has_variable("cache", "cache_index"):
+      valid, self_bias, cross_bias = self._step_biases(tokens, encoder_valid, relpos_bias)
     else:
-      valid = jnp.ones(tokens.shape, bool)                                    # [B, Ld]
-    positions = _positions(tokens, positions)
-    relpos = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-                                  cfg.num_heads, bidirectional=False, name="relpos_bias")(positions, positions)
-    self_bias = mask_to_bias(attention_mask(valid, valid, segment_ids, segment_ids, causal=True)) + relpos
-    cross_bias = mask_to_bias(attention_mask(valid, encoder_valid, segment_ids, encoder_segment_ids))
+      if decode:  # the call that creates the cache: nothing is in it yet
+        self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        self.variable("cache", "cache_mask", jnp.zeros, tokens.shape, bool)   # [B, L_max]
+      # Decoder inputs start with token 0, so padding is told by segment ids or targets, not by the inputs.
+      if segment_ids is not None:
+        valid = segment_ids > 0
+      elif target_tokens is not None:
+        valid = target_tokens > 0
+      else:
+        valid = jnp.ones(tokens.shape, bool)                                  # [B, Ld]
+      positions = _positions(tokens, positions)
+      relpos = relpos_bias(positions, positions)
+      self_bias = mask_to_bias(attention_mask(valid, valid, segment_ids, segment_ids, causal=True)) + relpos
+      cross_bias = mask_to_bias(attention_mask(valid, encoder_valid, segment_ids, encoder_segment_ids))
 
     x = self.embedder(tokens)                                                 # [B, Ld, D]
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
@@ -133,7 +152,7 @@ class Decoder(nn.Module):
     sparse, aux = set(cfg.decoder_sparse_layers), {}
     for i in range(cfg.num_decoder_layers):
       x, layer_aux = DecoderLayer(cfg, i in sparse, name=f"layers_{i}")(
-          x, encoded, self_bias, cross_bias, valid, train)
+          x, encoded, self_bias, cross_bias, valid, train, decode)
       if layer_aux is not None:
         aux[f"decoder/layers_{i}"] = layer_aux
     x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(x)
@@ -145,6 +164,25 @@ class Decoder(nn.Module):
       logits = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), init_scale=cfg.init_scale,
                             dtype=jnp.dtype(cfg.dtype), out_dtype=jnp.float32, name="logits_dense")(x)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), aux  # [B, Ld, V] float32
+
+  def _step_biases(self, tokens, encoder_valid, relpos_bias):
+    """Masks and biases of one cached step: the new token [B, 1] sits at position cache_index and sees the
+    cache slots filled so far and itself (causal over the cache; no padding or segments at decode time)."""
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    cache_mask = self.variable("cache", "cache_mask", jnp.zeros, tokens.shape, bool)
+    batch, max_length = cache_mask.value.shape
+    if tokens.shape != (batch, 1):
+      raise ValueError(f"a cached decoding step takes decoder_input_tokens of shape [{batch}, 1] (one token per "
+                       f"row, the cache's batch), got {tokens.shape}.")
+    index = cache_index.value
+    slots = jnp.arange(max_length)
+    cache_mask.value = cache_mask.value | (slots == index)[None, :]           # [B, L_max]
+    cache_index.value = index + 1
+    relpos = relpos_bias(jnp.reshape(index, (1, 1)), slots[None, :])         # [1, H, 1, L_max]
+    self_bias = mask_to_bias(cache_mask.value[:, None, None, :]) + relpos    # [B, H, 1, L_max]
+    valid = jnp.ones((batch, 1), bool)
+    cross_bias = mask_to_bias(attention_mask(valid, encoder_valid))          # [B, 1, 1, Le]
+    return valid, self_bias, cross_bias
 
 
 class EncoderDecoder(nn.Module):
@@ -169,3 +207,20 @@ class EncoderDecoder(nn.Module):
                                    decoder_target_tokens, decoder_segment_ids, decoder_positions,
                                    encoder_segment_ids, train)
     return logits, {**enc_aux, **dec_aux}
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None, train: bool = False):
+    """The encoder alone (run once before decoding) -> (encoded [B, Le, D], moe_aux of its sparse layers)."""
+    return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions, train)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens):
+    """One step of cached decoding (eval mode; apply with mutable=["cache"]) -> (logits [B, 1, V], moe_aux).
+
+    The first call finds no cache and creates an empty one for decoder_input_tokens' shape [B, L_max] (its
+    logits are those of an ordinary forward pass and can be ignored); it also projects the encoder output's
+    cross-attention keys and values once. Each later call takes the next input token [B, 1] (0, the start
+    token, then the previous output), which sits at position cache_index (incremented), and attends to the
+    tokens before it through the cache. encoder_input_tokens [B, Le] only tell padding (0) from real tokens.
+    Every cache leaf of rank >= 1 has the batch as its leading axis (beam search reorders them by it); the
+    cache_index scalars are shared by all rows.
+    """
+    return self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens, train=False, decode=True)

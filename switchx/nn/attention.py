@@ -85,7 +85,21 @@ class RelativePositionBias(nn.Module):
 
 
 # --- attention --------------------------------------------------------------------------------------------
+KV_CACHE_MODES = (None, "self", "cross")
+
+
 class MultiHeadAttention(nn.Module):
+  """T5 multi-head attention, optionally over a key/value cache (the flax 'cache' collection) for decoding.
+
+  kv_cache=None: ordinary attention (training, scoring). kv_cache="self": decoder self-attention one token at a
+  time; the cache holds cached_key / cached_value [B, L_max, H, Dh] and cache_index (slots filled), each call
+  writes the new token's key and value at cache_index and attends over all L_max slots (the caller's bias masks
+  the empty ones). kv_cache="cross": the keys and values of inputs_kv (the encoder output) are projected on the
+  first call and read back afterwards, so each step costs nothing in the encoder length but the dot products.
+  A call that finds no cache yet (apply with mutable=["cache"]) creates it, sized by its inputs, and otherwise
+  computes ordinary attention.
+  """
+
   num_heads: int
   head_dim: int
   dropout_rate: float
@@ -94,8 +108,12 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
-               deterministic: bool) -> jax.Array:
-    """inputs_q [B, Q, D], inputs_kv [B, K, D], bias [B|1, H|1, Q, K] (mask + position) -> [B, Q, D]."""
+               deterministic: bool, kv_cache: str | None = None) -> jax.Array:
+    """inputs_q [B, Q, D], inputs_kv [B, K, D], bias [B|1, H|1, Q, K] (mask + position) -> [B, Q, D].
+
+    With a self-attention cache in use, Q = 1 and bias covers the cache: [B|1, H|1, 1, L_max]."""
+    if kv_cache not in KV_CACHE_MODES:
+      raise ValueError(f"kv_cache={kv_cache!r}: choose one of {KV_CACHE_MODES}.")
     d_model = inputs_q.shape[-1]
     proj = lambda name, scale: DenseGeneral((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
                                             init_scale=scale, dtype=self.dtype, name=name)
@@ -106,6 +124,10 @@ class MultiHeadAttention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+    if kv_cache == "self":
+      k, v = self._self_cache(k, v)
+    elif kv_cache == "cross":
+      k, v = self._cross_cache(k, v)
 
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # [B, H, Q, K]
     weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
@@ -114,3 +136,29 @@ class MultiHeadAttention(nn.Module):
     out = DenseGeneral(d_model, ("heads", "kv", "embed"), num_contract=2, init_scale=self.init_scale,
                        dtype=self.dtype, name="out")(out)                    # [B, Q, D]
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+  def _self_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Writes this step's key / value [B, 1, H, Dh] at cache_index -> the whole cache [B, L_max, H, Dh] each.
+    On the call that creates the cache (k, v [B, L_max, H, Dh]) it stays empty and k, v pass through."""
+    filled = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not filled:
+      return k, v
+    batch, steps, heads, head_dim = k.shape
+    if steps != 1 or cached_key.value.shape != (batch, cached_key.value.shape[1], heads, head_dim):
+      raise ValueError(f"a cached decoding step takes one token per row: got keys {k.shape} for a cache of "
+                       f"{cached_key.value.shape} ([B, L_max, H, Dh]).")
+    index = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
+    cache_index.value = index + 1
+    return cached_key.value, cached_value.value
+
+  def _cross_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The encoder-side keys / values, projected once: stored on the first call, read back afterwards (the
+    projections of this call are then unused, and jit drops them)."""
+    cached_key = self.variable("cache", "cached_key", lambda: k)
+    cached_value = self.variable("cache", "cached_value", lambda: v)
+    return cached_key.value, cached_value.value

@@ -42,50 +42,30 @@ def config_record(**configs) -> dict:
 
 def load_data(data: DataConfig, train: TrainConfig, process_index: int = 0, process_count: int = 1):
   """-> (tokenizer, endless train Pipeline for this process, fixed list of held-out batches)."""
-  from switchx import data as data_lib
-  if data.source == "builtin":
-    documents = data_lib.builtin_corpus()
-  elif data.source == "text":
-    documents = data_lib.read_text_files(data.paths, data.text_field)
-  else:
-    documents = data_lib.tfds_source(data.tfds_name, data.tfds_data_dir, data.train_split, data.text_field)
-  if data.source == "tfds":
-    train_docs = documents
-    eval_docs = data_lib.tfds_source(data.tfds_name, data.tfds_data_dir, data.eval_split, data.text_field)
-  else:
-    train_docs, eval_docs = data_lib.split_documents(documents, data.eval_fraction, seed=train.seed)
-  if data.tokenizer_path:
-    tokenizer = data_lib.Tokenizer.load(data.tokenizer_path)
-  else:
-    tokenizer = data_lib.train_tokenizer(train_docs, vocab_size=data.tokenizer_vocab_size)
-  local_batch = train.batch_size // process_count
-  pipeline = lambda docs, seed, index, count: data_lib.Pipeline(
-      docs, tokenizer, batch_size=local_batch, inputs_length=train.inputs_length,
-      targets_length=train.targets_length, seed=seed, pack=data.pack, process_index=index,
-      process_count=count, noise_density=data.noise_density,
+  from switchx.data import Pipeline
+  from switchx.data.sources import load_documents, load_tokenizer
+  train_docs, eval_docs = load_documents(data, train.seed)
+  tokenizer = load_tokenizer(data, train_docs)
+  pipeline = lambda docs, seed: Pipeline(
+      docs, tokenizer, batch_size=train.batch_size // process_count, inputs_length=train.inputs_length,
+      targets_length=train.targets_length, seed=seed, pack=data.pack, process_index=process_index,
+      process_count=process_count, noise_density=data.noise_density,
       mean_noise_span_length=data.mean_noise_span_length)
-  train_pipeline = pipeline(train_docs, train.seed, process_index, process_count)
-  eval_pipeline = pipeline(eval_docs, train.seed + 1, process_index, process_count)
-  eval_batches = [next(eval_pipeline) for _ in range(train.eval_batches)]
-  return tokenizer, train_pipeline, eval_batches
+  eval_pipeline = pipeline(eval_docs, train.seed + 1)
+  return tokenizer, pipeline(train_docs, train.seed), [next(eval_pipeline) for _ in range(train.eval_batches)]
 
 
 def evaluate(run, params, batches) -> dict:
-  """Token-weighted held-out metrics."""
-  totals, tokens = {}, 0.0
-  for batch in batches:
-    metrics = jax.device_get(run.eval_step(params, run.shard_batch(batch)))
-    n = float(metrics["num_target_tokens"])
-    tokens += n
-    for key in ("cross_entropy_loss", "accuracy"):
-      totals[key] = totals.get(key, 0.0) + float(metrics[key]) * n
-    if "router/dropped_fraction" in metrics:
-      totals["router/dropped_fraction"] = totals.get("router/dropped_fraction", 0.0) + float(
-          metrics["router/dropped_fraction"]) * n
-  return {k: v / max(tokens, 1.0) for k, v in totals.items()}
+  """Token-weighted held-out metrics, named as the training metrics are."""
+  from switchx.train.evaluate import held_out_metrics
+  metrics = held_out_metrics(run, params, batches)
+  out = {"cross_entropy_loss": -metrics["neg_log_perplexity"], "accuracy": metrics["token_accuracy"]}
+  if "dropped_fraction" in metrics:
+    out["router/dropped_fraction"] = metrics["dropped_fraction"]
+  return out
 
 
-def _check_finite(step: int, metrics) -> None:
+def check_finite(step: int, metrics) -> None:
   loss = float(metrics["loss"])
   if np.isfinite(loss):
     return
@@ -105,7 +85,7 @@ def _all_finite(tree) -> jax.Array:
   return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
-class _StopSignals:
+class StopSignals:
   """SIGTERM / SIGINT ask the loop to save a checkpoint and stop after the current step."""
 
   def __init__(self):
@@ -184,13 +164,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
   timed_steps, timer = 0, None
   interrupted = None
   try:
-    with _StopSignals() as signals:
+    with StopSignals() as signals:
       while step < train_config.num_train_steps:
         batch = run.shard_batch(next(train_data))
         state, metrics = run.train_step(state, batch, rng)
         step += 1
         if pending is not None:
-          _check_finite(*pending)                      # one step behind, so the device queue stays full
+          check_finite(*pending)                      # one step behind, so the device queue stays full
         pending = (step, metrics)
         if timer is None:
           jax.block_until_ready(metrics)
@@ -201,7 +181,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
           progress.update(1)
         last = step == train_config.num_train_steps
         if step % train_config.log_every == 0 or step == 1 or last or signals.requested:
-          _check_finite(*pending)
+          check_finite(*pending)
           host = {k: to_python(v) for k, v in jax.device_get(metrics).items()}
           host["tokens_per_s"] = timed_steps * tokens_per_step / max(time.perf_counter() - timer, 1e-9)
           writer.write(step, host)
@@ -217,7 +197,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
           eval_history.append({"step": step, **eval_metrics})
         if (train_config.checkpoint_every and step % train_config.checkpoint_every == 0) or last \
             or signals.requested:
-          _check_finite(*pending)                      # never checkpoint a non-finite state:
+          check_finite(*pending)                      # never checkpoint a non-finite state:
           if not bool(_all_finite(state.params)):      # (a finite loss can still leave inf parameters)
             raise NonFiniteLossError(f"parameters became non-finite in the update of step {step}; no "
                                      f"checkpoint of this state was written (last step's metrics: "

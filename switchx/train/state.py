@@ -14,7 +14,6 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +38,7 @@ class Run:
   state_specs: Any                    # TrainState of PartitionSpecs
   boxed_params: Any                   # abstract parameters with their logical names
   _init: Callable
+  _init_from_params: Callable
   _train_step: Callable
   _eval_step: Callable
   _grads: Callable
@@ -62,6 +62,12 @@ class Run:
     with self.partitioner.context():
       return self._init(rng)
 
+  def init_from_params(self, params):
+    """A fresh TrainState (step 0, new optimizer state) around existing parameters, e.g. for fine-tuning."""
+    params = jax.device_put(params, self.state_shardings.params)
+    with self.partitioner.context():
+      return self._init_from_params(params)
+
   def train_step(self, state, batch, rng):
     with self.partitioner.context():
       return self._train_step(state, batch, rng)
@@ -76,13 +82,15 @@ class Run:
       return self._grads(params, batch, rng, train)
 
 
-def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partitioner, example_batch: dict) -> Run:
-  """Validates the config against the mesh and compiles (lazily) init / train / eval steps with shardings."""
+def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partitioner, example_batch: dict,
+          optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None) -> Run:
+  """Validates the config against the mesh and compiles (lazily) init / train / eval steps with shardings.
+  `optimizer` (transformation, schedule) replaces the one TrainConfig describes (fine-tuning's freezing)."""
   moe = dataclasses.replace(config.moe, num_group_partitions=partitioner.num_batch_partitions)
   config = config.replace(moe=moe)
   partitioner.check_batch(train_config.batch_size)
   model = EncoderDecoder(config)
-  optimizer, schedule = optim.make_optimizer(train_config)
+  optimizer, schedule = optimizer or optim.make_optimizer(train_config)
   # Shapes only: a batch-1 example would violate the batch split, so trace with the real batch shape.
   batch_shapes = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in example_batch.items()}
   dummy_batch = lambda: {k: jnp.ones(s.shape, s.dtype) for k, s in batch_shapes.items()}
@@ -96,6 +104,10 @@ def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partition
   batch_sharding, replicated = partitioner.batch_sharding, partitioner.replicated
 
   init = jax.jit(init_fn, out_shardings=shardings)
+  init_from_params = jax.jit(
+      lambda params: step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                         opt_state=optimizer.init(params)),
+      in_shardings=(shardings.params,), out_shardings=shardings)
   train_step = jax.jit(
       functools.partial(step_lib.train_step, model=model, optimizer=optimizer, schedule=schedule,
                         z_loss_coef=train_config.z_loss_coef,
@@ -114,4 +126,4 @@ def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partition
                   in_shardings=(shardings.params, batch_sharding, replicated),
                   out_shardings=((replicated, replicated), shardings.params))
   return Run(config, train_config, partitioner, model, optimizer, schedule, state_specs, boxed_params,
-             init, train_step, eval_step, grads)
+             init, init_from_params, train_step, eval_step, grads)
