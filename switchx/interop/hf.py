@@ -405,6 +405,11 @@ def _hf_config(config: ModelConfig, expert_capacity: int | None) -> dict:
       router_z_loss_coef=moe.router_z_loss_coef, router_aux_loss_coef=moe.load_balance_loss_coef, **hf)
 
 
+def transformers_config(config: ModelConfig, expert_capacity: int | None = None) -> dict:
+  """The transformers config.json fields (T5 or SwitchTransformers) describing `config`'s architecture."""
+  return _hf_config(config, expert_capacity)
+
+
 def export_hf(config: ModelConfig, params, path: str, expert_capacity: int | None = None) -> None:
   """Writes `path`/config.json and model.safetensors for transformers: SwitchTransformersForConditionalGeneration
   when the config has sparse layers, T5ForConditionalGeneration otherwise. `expert_capacity` overrides

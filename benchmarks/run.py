@@ -1,0 +1,198 @@
+"""switchx benchmarks: `make bench` (full) or `python -m benchmarks.run --quick` (seconds; the tests run it).
+
+Cases (numbers are ratios against baselines measured in the same run, programs alternated A B A B ...):
+  1. training step tokens/s, switchx vs transformers' PyTorch SwitchTransformers, at 8 and 128 experts
+  2. Switch step time vs its FLOP-matched dense twin, at 8 and 32 experts
+  3. expert-count scaling at fixed tokens and active FLOPs (E = 8, 32, 128, 512), per dispatch path: step time,
+     peak memory per parameter, and step time over the memory-traffic floor
+  4. greedy decoding tokens/s with the KV cache, switchx vs transformers' generate
+Writes benchmarks/results/bench.{md,json} and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import programs, timing
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCH = (8, 128, 32)           # batch, encoder length, decoder length (case 1 and 2)
+QUICK_SIZE = dict(d_model=64, d_ff=128, vocab_size=512, num_layers=2)   # --quick: compiles in seconds
+
+
+def threads() -> int:
+  return len(os.sched_getaffinity(0))
+
+
+def case_train_vs_transformers(experts: int, dtype: str, quick: bool, rounds: int, repeats: int) -> dict:
+  import torch
+  torch.set_num_threads(threads())
+  kw = dict(QUICK_SIZE) if quick else {}
+  config = programs.case1_config(experts, dtype=dtype, **kw)
+  host = programs.batch(config, *BATCH)
+  ours, num_params = programs.switchx_step(config, host)
+  theirs = programs.hf_step(config.replace(dtype="float32"), host, programs.hf_capacity(config, BATCH[1]))
+  times = timing.alternate({"switchx": ours, "transformers": theirs}, rounds, repeats)
+  tokens = BATCH[0] * (BATCH[1] + BATCH[2])
+  return {"case": 1, "experts": experts, "dtype": dtype, "params": num_params,
+          "switchx_tokens_per_s": tokens / statistics.median(times["switchx"]),
+          "transformers_tokens_per_s": tokens / statistics.median(times["transformers"]),
+          "speedup": timing.median_ratio(times, "transformers", "switchx"), "times": times}
+
+
+def case_switch_vs_dense(experts: int, dtype: str, quick: bool, rounds: int, repeats: int) -> dict:
+  kw = dict(QUICK_SIZE) if quick else {}
+  sparse = programs.case1_config(experts, dtype=dtype, **kw)
+  dense = programs.case1_config(experts, dtype=dtype, sparse=False, **kw)
+  host = programs.batch(sparse, *BATCH)
+  switch_step, _ = programs.switchx_step(sparse, host)
+  dense_step, _ = programs.switchx_step(dense, host)
+  times = timing.alternate({"switch": switch_step, "dense": dense_step}, rounds, repeats)
+  return {"case": 2, "experts": experts, "dtype": dtype, "step_ratio": timing.median_ratio(times, "switch", "dense"),
+          "switch_ms": 1000 * statistics.median(times["switch"]), "dense_ms": 1000 * statistics.median(times["dense"])}
+
+
+def case_decode(experts: int, dtype: str, quick: bool, rounds: int, repeats: int) -> dict:
+  """Greedy decoding with the KV cache: batch 8, 128 encoder tokens, 32 generated tokens per row."""
+  import tempfile
+
+  import torch
+  torch.set_num_threads(threads())
+  kw = dict(QUICK_SIZE) if quick else {}
+  config = programs.case1_config(experts, dtype=dtype, **kw)
+  batch, inputs_length, new_tokens = BATCH[0], BATCH[1], 8 if quick else BATCH[2]
+  encoder_tokens = programs.batch(config, batch, inputs_length, 1)["encoder_input_tokens"]
+  with tempfile.TemporaryDirectory() as workdir:
+    ours, theirs, produced = programs.decode_programs(config, encoder_tokens, new_tokens, workdir)
+    times = timing.alternate({"switchx": ours, "transformers": theirs}, rounds, repeats)
+  # switchx stops when every row has produced EOS (id 1) and writes 0 after it: a row's length runs through its
+  # first EOS; the loop ran for the longest row.
+  ours_tokens, hf_tokens = produced["switchx"], produced["transformers"][:, 1:1 + new_tokens]
+  lengths = [int(np.argmax(row == 1)) + 1 if (row == 1).any() else new_tokens for row in ours_tokens]
+  steps = max(lengths)
+  agree = float(np.mean([np.mean(o[:n] == t[:n]) for o, t, n in zip(ours_tokens, hf_tokens, lengths)]))
+  tokens = batch * new_tokens
+  return {"case": 4, "experts": experts, "dtype": dtype, "new_tokens": new_tokens, "switchx_steps": steps,
+          "switchx_tokens_per_s": tokens / statistics.median(times["switchx"]),
+          "transformers_tokens_per_s": tokens / statistics.median(times["transformers"]),
+          "speedup": timing.median_ratio(times, "transformers", "switchx"), "token_agreement": agree,
+          "times": times}
+
+
+def peak_memory(config_args: dict, batch: tuple) -> dict:
+  """Runs benchmarks.memory in a fresh process (peak RSS is per process)."""
+  payload = json.dumps({"config": config_args, "batch": batch})
+  out = subprocess.run([sys.executable, "-m", "benchmarks.memory", payload], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent, check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def case_expert_scaling(experts: int, dispatch: str, dtype: str, quick: bool, rounds: int, repeats: int,
+                        bandwidth: float) -> dict:
+  """Fixed tokens and active FLOPs; a smaller model than case 1 so 512 experts fit in memory."""
+  size = dict(QUICK_SIZE) if quick else dict(d_model=128, d_ff=512, vocab_size=8192)
+  config_args = dict(num_experts=experts, dtype=dtype, dispatch=dispatch, **size)
+  config = programs.case1_config(**config_args)
+  host = programs.batch(config, *BATCH)
+  step, num_params = programs.switchx_step(config, host)
+  times = timing.alternate({"step": step}, rounds, repeats)
+  step_s = statistics.median(times["step"])
+  floor_bytes = 24 * num_params   # AdamW f32: params read, grads written, (m, v) read and written: 4+4+8+8
+  memory = peak_memory(config_args, BATCH)
+  return {"case": 3, "experts": experts, "dispatch": dispatch, "dtype": dtype, "params": num_params,
+          "step_ms": 1000 * step_s, "floor_ms": 1000 * floor_bytes / bandwidth,
+          "floor_ratio": step_s / (floor_bytes / bandwidth),
+          "peak_bytes_per_param": memory["peak_bytes"] / num_params}
+
+
+def table(results: list[dict], meta: dict) -> str:
+  lines = [f"switchx benchmarks ({meta['when']}, {meta['machine']}, {meta['threads']} threads, "
+           f"copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s{', QUICK' if meta['quick'] else ''})", ""]
+  one = [r for r in results if r["case"] == 1]
+  if one:
+    lines += ["Case 1. Training step (fwd + bwd + AdamW), batch 8 x (128 + 32) tokens; target >= 1.5x.", "",
+              "| experts | switchx dtype | params | switchx tokens/s | transformers tokens/s | switchx / transformers |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['experts']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['switchx_tokens_per_s']:,.0f} | "
+              f"{r['transformers_tokens_per_s']:,.0f} | {r['speedup']:.2f}x |" for r in one]
+    lines.append("")
+  two = [r for r in results if r["case"] == 2]
+  if two:
+    lines += ["Case 2. Switch step time over its FLOP-matched dense twin; target <= 1.15x (paper, TPU: 1.6x "
+              "at capacity factor 1.0).", "", "| experts | dtype | switch ms | dense ms | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {r['experts']} | {r['dtype']} | {r['switch_ms']:.0f} | {r['dense_ms']:.0f} | "
+              f"{r['step_ratio']:.2f}x |" for r in two]
+    lines.append("")
+  three = [r for r in results if r["case"] == 3]
+  if three:
+    lines += ["Case 3. Expert scaling at fixed tokens and active FLOPs (d_model 128, d_ff 512); floor = bytes a "
+              "step must move (24 per parameter with AdamW) / copy bandwidth; targets at 512 experts: <= 1.5x "
+              "floor, <= 12 bytes/parameter.", "",
+              "| experts | dispatch | params | step ms | floor ms | step / floor | peak bytes / param |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['experts']} | {r['dispatch']} | {r['params'] / 1e6:.1f}M | {r['step_ms']:.0f} | "
+              f"{r['floor_ms']:.0f} | {r['floor_ratio']:.2f}x | {r['peak_bytes_per_param']:.1f} |" for r in three]
+    lines.append("")
+  four = [r for r in results if r["case"] == 4]
+  if four:
+    lines += ["Case 4. Greedy decoding with the KV cache, batch 8 x 128 encoder tokens, same weights in both; "
+              "target >= 2x. Agreement = fraction of generated tokens equal to transformers' (float32: ~1; "
+              "bfloat16 drifts once a near-tie flips).", "",
+              "| experts | switchx dtype | new tokens | switchx tokens/s | transformers tokens/s | "
+              "switchx / transformers | agreement |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['experts']} | {r['dtype']} | {r['new_tokens']} | {r['switchx_tokens_per_s']:,.0f} | "
+              f"{r['transformers_tokens_per_s']:,.0f} | {r['speedup']:.2f}x | {r['token_agreement']:.2f} |"
+              for r in four]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the benchmarks run")
+  p.add_argument("--cases", default="1,2,3,4", help="comma-separated case numbers")
+  p.add_argument("--dtype", default="bfloat16", help="switchx activation dtype (parameters stay float32)")
+  p.add_argument("--out", default=str(RESULTS))
+  args = p.parse_args(argv)
+  cases = {int(c) for c in args.cases.split(",")}
+  rounds, repeats = (2, 1) if args.quick else (7, 3)
+  bandwidth = timing.copy_bandwidth(32 * 2**20 if args.quick else 512 * 2**20)
+  meta = {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {platform.processor()}".strip(),
+          "threads": threads(), "bandwidth_gbs": bandwidth / 1e9, "quick": args.quick}
+  results = []
+  if 1 in cases:
+    for experts in ((8,) if args.quick else (8, 128)):
+      for dtype in ((args.dtype,) if args.quick else ("float32", args.dtype)):
+        results.append(case_train_vs_transformers(experts, dtype, args.quick, rounds, repeats))
+  if 2 in cases:
+    for experts in ((8,) if args.quick else (8, 32)):
+      results.append(case_switch_vs_dense(experts, args.dtype, args.quick, rounds, repeats))
+  if 3 in cases:
+    grid = [(8, "index")] if args.quick else [(e, d) for e in (8, 32, 128, 512) for d in ("einsum", "index")]
+    for experts, dispatch in grid:
+      results.append(case_expert_scaling(experts, dispatch, args.dtype, args.quick, max(rounds // 2, 1), repeats,
+                                         bandwidth))
+  if 4 in cases:
+    for dtype in ((args.dtype,) if args.quick else ("float32", args.dtype)):
+      results.append(case_decode(8, dtype, args.quick, rounds, repeats))
+  text = table(results, meta)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "bench.md").write_text(text + "\n")
+  (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+  print(text)
+  return results
+
+
+if __name__ == "__main__":
+  main()

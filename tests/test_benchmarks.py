@@ -1,0 +1,22 @@
+"""The benchmarks run end to end in --quick mode (tiny shapes) and write their table and JSON."""
+
+import json
+
+import pytest
+
+
+def test_benchmarks_quick(tmp_path):
+  pytest.importorskip("torch", reason="case 1 compares against transformers (the interop extra)")
+  from benchmarks import run
+  results = run.main(["--quick", "--out", str(tmp_path)])
+  assert {r["case"] for r in results} == {1, 2, 3, 4}
+  payload = json.loads((tmp_path / "bench.json").read_text())
+  assert payload["meta"]["bandwidth_gbs"] > 0
+  one = [r for r in results if r["case"] == 1][0]
+  assert one["switchx_tokens_per_s"] > 0 and one["transformers_tokens_per_s"] > 0 and one["speedup"] > 0
+  three = [r for r in results if r["case"] == 3][0]
+  assert three["floor_ratio"] > 1 and three["peak_bytes_per_param"] > 0
+  four = [r for r in results if r["case"] == 4][0]
+  assert four["switchx_tokens_per_s"] > 0 and four["transformers_tokens_per_s"] > 0
+  assert four["token_agreement"] > 0.5   # same weights, greedy: the two decoders mostly pick the same tokens
+  assert "Case 1" in (tmp_path / "bench.md").read_text()
