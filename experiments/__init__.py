@@ -1,0 +1,1 @@
+"""Small-scale reproductions of the Switch Transformer results (run each script with --help)."""

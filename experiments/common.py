@@ -1,0 +1,174 @@
+"""What every experiment shares: train one configuration (through the real trainer), collect its curves, and
+write tables (Markdown + JSON) and plots (PNG) under experiments/results/.
+
+A run is (name, gin presets, gin overrides, seed). Full runs use the CPU-sized presets below; --quick swaps in
+a model small enough to compile in seconds and a handful of steps, so tests keep every script working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from switchx import gin_config, model_stats
+from switchx.train.loop import train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Full runs: the model family every experiment varies (configs/models/switch_cpu.gin), pretraining on the built-in
+# corpus with the demo's data settings. Quick runs: a model that compiles in seconds, a few steps.
+FULL = dict(preset="models/switch_cpu", steps=1000, eval_every=200, batch_size=16, inputs_length=128,
+            targets_length=32)
+QUICK = dict(preset="models/switch_cpu", steps=4, eval_every=2, batch_size=4, inputs_length=32, targets_length=8,
+             extra=["ModelConfig.d_model=16", "ModelConfig.num_heads=2", "ModelConfig.head_dim=8",
+                    "ModelConfig.d_ff=32", "ModelConfig.num_encoder_layers=1", "ModelConfig.num_decoder_layers=1",
+                    "DataConfig.tokenizer_vocab_size=256", "ModelConfig.vocab_size=356", "MoeConfig.group_size=64",
+                    "TrainConfig.eval_batches=1"])
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true", help="tiny model, a few steps: checks the script works")
+  p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (full runs)")
+  p.add_argument("--steps", type=int, default=0, help="override the number of training steps")
+  p.add_argument("--out", default=str(RESULTS), help="where tables, JSON and plots go")
+  p.add_argument("--work_dir", default="/tmp/switchx_experiments", help="scratch run directories")
+  p.add_argument("--corpus", choices=("docstrings", "builtin"), default="docstrings",
+                 help="full runs: the ~15 MB package-docstring corpus (one epoch; experiments/corpus.py) or the "
+                      "built-in 0.46M-token corpus (several epochs)")
+  return p
+
+
+def setting(args) -> dict:
+  base = dict(QUICK if args.quick else FULL)
+  if args.steps:
+    base["steps"] = args.steps
+  base["seeds"] = 1 if args.quick else args.seeds
+  if not args.quick and args.corpus == "docstrings":
+    from experiments import corpus
+    path = corpus.build(Path(args.work_dir) / "docstrings.jsonl")
+    base["extra"] = [*base.get("extra", []), "DataConfig.source='text'", f"DataConfig.paths=('{path}',)"]
+    base["corpus_versions"] = json.loads(path.with_suffix(".versions.json").read_text())
+  return base
+
+
+def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -> dict:
+  """Trains one configuration from scratch and returns its summary (curves, final losses, speed)."""
+  bindings = [f"TrainConfig.num_train_steps={base['steps']}", f"TrainConfig.eval_every={base['eval_every']}",
+              f"TrainConfig.checkpoint_every={base['steps']}", f"TrainConfig.seed={seed}",
+              f"TrainConfig.batch_size={base['batch_size']}", f"TrainConfig.inputs_length={base['inputs_length']}",
+              f"TrainConfig.targets_length={base['targets_length']}", "TrainConfig.log_every=25",
+              *base.get("extra", []), *overrides]
+  key = hashlib.sha256(json.dumps([base["preset"], bindings]).encode()).hexdigest()[:16]
+  cached = Path(work_dir) / "results" / f"{key}.json"
+  if cached.exists():  # the same run made by another script (e.g. sparse_vs_dense reuses expert_count's runs)
+    result = json.loads(cached.read_text())
+    print(f"  {name} seed {seed}: held-out loss {result['final_eval_loss']:.4f} (cached)", flush=True)
+    return result
+  gin_config.parse([base["preset"], "runs/demo"], bindings)
+  model, train_cfg = gin_config.model_config(), gin_config.train_config()
+  model_dir = Path(work_dir) / f"{name}-seed{seed}"
+  shutil.rmtree(model_dir, ignore_errors=True)
+  started = time.perf_counter()
+  summary = train(model, train_cfg, gin_config.data_config(), model_dir=model_dir, show_progress=False,
+                  name=f"{name} seed {seed}")
+  counts = model_stats.param_counts(model)
+  result = {"name": name, "seed": seed, "overrides": overrides, "steps": base["steps"],
+            "final_eval_loss": summary["eval_loss"], "final_train_loss": summary["train_loss"],
+            "tokens_per_s": summary["tokens_per_s"], "dropped_fraction": summary["dropped_fraction"],
+            "eval_curve": [(h["step"], h["cross_entropy_loss"]) for h in summary["eval_history"]],
+            "train_curve": [(h["step"], h["cross_entropy_loss"]) for h in summary["history"]],
+            "step_time_s": None if not summary["tokens_per_s"] else
+            base["batch_size"] * (base["inputs_length"] + base["targets_length"]) / summary["tokens_per_s"],
+            "wall_s": time.perf_counter() - started,
+            "flops_per_token": model_stats.flops_per_token(model, base["inputs_length"], base["targets_length"]),
+            **counts}
+  print(f"  {name} seed {seed}: held-out loss {result['final_eval_loss']:.4f}  "
+        f"({result['wall_s']:.0f}s, {result['tokens_per_s'] or 0:,.0f} tokens/s)", flush=True)
+  cached.parent.mkdir(parents=True, exist_ok=True)
+  cached.write_text(json.dumps(result))
+  shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the bulky state
+  return result
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+  """Mean and half the range (a spread that is honest with 2-3 seeds)."""
+  return statistics.fmean(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+  """First step at which an eval curve reaches `target` (linear interpolation between evals), or None."""
+  previous = None
+  for step, loss in curve:
+    if loss <= target:
+      if previous is None:
+        return float(step)
+      (s0, l0) = previous
+      return s0 + (step - s0) * (l0 - target) / max(l0 - loss, 1e-12)
+    previous = (step, loss)
+  return None
+
+
+def _runs(tree) -> dict:
+  """Every run summary inside a result payload, by (name, seed)."""
+  if isinstance(tree, dict):
+    if "wall_s" in tree and "seed" in tree:
+      return {(tree["name"], tree["seed"]): tree}
+    tree = list(tree.values())
+  found = {}
+  for item in tree if isinstance(tree, list) else []:
+    found.update(_runs(item))
+  return found
+
+
+def write(name: str, out: str, payload: dict, markdown: str, command: str) -> None:
+  runs = _runs(payload)
+  minutes = sum(r["wall_s"] for r in runs.values()) / 60
+  markdown += (f"\n\nCommand: `{command.strip()}`; {len(runs)} training runs, {minutes:.0f} min of training here "
+               "(2-core CPU, shared with other work; a run another script already made counts here too).")
+  out_dir = Path(out)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  payload = {"command": command, **payload}
+  (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
+  (out_dir / f"{name}.md").write_text(f"<!-- generated by: {command} -->\n{markdown}\n")
+  print(markdown)
+
+
+def command_line() -> str:
+  return "python -m experiments." + Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:])
+
+
+def plot(path: Path, series: dict[str, list[list[tuple[int, float]]]], title: str, ylabel: str = "held-out loss"):
+  """One line per series: the mean over seeds of eval curves, with a band for min..max."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for label, curves in series.items():
+    steps = [s for s, _ in curves[0]]
+    values = [[l for _, l in c] for c in curves]
+    mean = [statistics.fmean(v) for v in zip(*values)]
+    line, = ax.plot(steps, mean, "o-", label=label, markersize=3)
+    if len(curves) > 1:
+      ax.fill_between(steps, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)],
+                      color=line.get_color(), alpha=0.15)
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def fmt(mean: float, spread: float) -> str:
+  return f"{mean:.3f} ± {spread:.3f}" if spread else f"{mean:.3f}"
+

@@ -1,0 +1,56 @@
+"""Sparse vs dense at equal FLOPs per token (Switch paper: 64 experts reach T5-Base quality 7.5x faster in steps):
+how many steps (and how much time) a Switch model needs to reach the dense model's final held-out loss.
+
+    python -m experiments.sparse_vs_dense            # full (reuses expert_count's runs when they exist)
+    python -m experiments.sparse_vs_dense --quick    # seconds
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from experiments import common, expert_count
+
+EXPERTS = (8, 32, 64)
+QUICK_EXPERTS = (2,)
+
+
+def main(argv=None) -> dict:
+  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+  base = common.setting(args)
+  seeds = range(base["seeds"])
+  dense = [common.run("dense", expert_count.overrides(0), s, base, args.work_dir) for s in seeds]
+  target = sum(r["final_eval_loss"] for r in dense) / len(dense)
+  dense_step_s = sum(r["step_time_s"] or 0 for r in dense) / len(dense)
+  rows, curves = [], {"dense": [r["eval_curve"] for r in dense]}
+  for experts in (QUICK_EXPERTS if args.quick else EXPERTS):
+    runs = [common.run(expert_count.label(experts), expert_count.overrides(experts), s, base, args.work_dir)
+            for s in seeds]
+    reached = [common.steps_to_reach(r["eval_curve"], target) for r in runs]
+    step_s = sum(r["step_time_s"] or 0 for r in runs) / len(runs)
+    speedups = [base["steps"] / s for s in reached if s]
+    rows.append({"experts": experts, "steps_to_dense_loss": reached, "step_time_ratio": step_s / max(dense_step_s, 1e-9),
+                 "speedup_steps": common.mean_spread(speedups) if len(speedups) == len(reached) else None,
+                 "runs": runs})
+    curves[expert_count.label(experts)] = [r["eval_curve"] for r in runs]
+  lines = [f"Dense final held-out loss after {base['steps']} steps: {target:.3f} (mean of {len(dense)} seed(s)). "
+           "Steps for each Switch model to reach it (held-out loss interpolated between evaluations):", "",
+           "| model | steps to dense loss | speed-up in steps | step time vs dense | speed-up in time |", "|---|---|---|---|---|"]
+  for row in rows:
+    steps = ", ".join("not reached" if s is None else f"{s:.0f}" for s in row["steps_to_dense_loss"])
+    if row["speedup_steps"]:
+      mean, spread = row["speedup_steps"]
+      speed, time_speed = common.fmt(mean, spread).replace(".000", ""), f"{mean / row['step_time_ratio']:.2f}x"
+      speed += "x"
+    else:
+      speed, time_speed = "-", "-"
+    lines.append(f"| {expert_count.label(row['experts'])} | {steps} | {speed} | {row['step_time_ratio']:.2f}x | "
+                 f"{time_speed} |")
+  common.plot(Path(args.out) / "sparse_vs_dense.png", curves, "Held-out loss: Switch vs its FLOP-matched dense twin")
+  common.write("sparse_vs_dense", args.out, {"setting": base, "dense_target": target, "rows": rows},
+               "\n".join(lines), common.command_line())
+  return {"rows": rows, "target": target}
+
+
+if __name__ == "__main__":
+  main()
