@@ -1,22 +1,23 @@
 """Peak memory of one configuration's training steps, measured in a fresh process:
 `python -m benchmarks.memory '<json of case-3 arguments>'` prints {"peak_bytes", "params", ...} as JSON.
 
-Peak = the process's maximum resident set size minus its size after jax started and the batch was made, so it
+Peak = the process's peak resident set size (VmHWM) minus its size after jax started and the batch was made, so it
 counts parameters, optimizer state, gradients and activations (and XLA's buffers), not the interpreter."""
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 
-def resident_bytes() -> int:
+def status_bytes(field: str) -> int:
+  """A size from /proc/self/status: VmRSS (resident now) or VmHWM (peak resident). Not getrusage's ru_maxrss:
+  Linux carries that across exec, so a child started by a big parent would report the parent's peak."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmRSS:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) * 1024
-  return 0
+  raise RuntimeError(f"/proc/self/status has no {field} (peak memory is measured on Linux only)")
 
 
 def main() -> None:
@@ -26,11 +27,11 @@ def main() -> None:
   config = programs.case1_config(**args["config"])
   host_batch = programs.batch(config, *args["batch"])
   jax.numpy.zeros(1).block_until_ready()
-  baseline = resident_bytes()
+  baseline = status_bytes("VmRSS")
   step, num_params = programs.switchx_step(config, host_batch, optimizer=args.get("optimizer", "adamw"))
   for _ in range(args.get("steps", 3)):
     step()
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  peak = status_bytes("VmHWM")
   print(json.dumps({"peak_bytes": peak - baseline, "params": num_params, "baseline_bytes": baseline}))
 
 

@@ -139,3 +139,48 @@ def decode_programs(config: ModelConfig, encoder_tokens: np.ndarray, max_new_tok
                                                  min_new_tokens=max_new_tokens).numpy()
 
   return ours, hf, produced
+
+
+# --- a phase profile: where a training step's time goes --------------------------------------------------------
+def switchx_phases(config: ModelConfig, host_batch: dict) -> dict:
+  """{phase: step()} for switchx: the loss alone (forward), its gradient (forward + backward) and the full
+  training step (+ AdamW update), all jitted from the training path's own functions."""
+  import functools
+
+  from switchx.models.encoder_decoder import EncoderDecoder
+  from switchx.train import step as step_lib
+
+  full, _ = switchx_step(config, host_batch)
+  model = EncoderDecoder(config)
+  dummy = np.zeros((1, 8), np.int32)
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), dummy, dummy)["params"])
+  batch = jax.device_put(host_batch)
+  loss = functools.partial(step_lib.loss_and_metrics, model=model, z_loss_coef=1e-4, train=True)
+  forward = jax.jit(lambda p, b, r: loss(p, b, r)[0])
+  gradient = jax.jit(jax.grad(lambda p, b, r: loss(p, b, r)[0]))
+  rng = jax.random.PRNGKey(1)
+  return {"forward": lambda: jax.block_until_ready(forward(params, batch, rng)),
+          "forward + backward": lambda: jax.block_until_ready(gradient(params, batch, rng)),
+          "full step": full}
+
+
+def hf_phases(config: ModelConfig, host_batch: dict, expert_capacity: int) -> dict:
+  """The same three phases for transformers (forward in training mode, + backward, + AdamW step)."""
+  import torch
+  model = hf_model(config, expert_capacity)
+  model.train()
+  inputs = torch.from_numpy(host_batch["encoder_input_tokens"]).long()
+  decoder_inputs = torch.from_numpy(host_batch["decoder_input_tokens"]).long()
+  labels = torch.from_numpy(host_batch["decoder_target_tokens"]).long()
+  kwargs = {"output_router_logits": True} if config.is_sparse else {}
+
+  def forward():
+    with torch.no_grad():
+      model(input_ids=inputs, decoder_input_ids=decoder_inputs, labels=labels, **kwargs)
+
+  def backward():
+    model.zero_grad(set_to_none=True)
+    model(input_ids=inputs, decoder_input_ids=decoder_inputs, labels=labels, **kwargs).loss.backward()
+
+  return {"forward": forward, "forward + backward": backward,
+          "full step": hf_step(config, host_batch, expert_capacity)}

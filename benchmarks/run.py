@@ -89,6 +89,19 @@ def case_decode(experts: int, dtype: str, quick: bool, rounds: int, repeats: int
           "times": times}
 
 
+def case_profile(experts: int, quick: bool, rounds: int, repeats: int) -> dict:
+  """Where case 1's step time goes (float32): forward, forward + backward, full step, in both frameworks."""
+  import torch
+  torch.set_num_threads(threads())
+  config = programs.case1_config(experts, **(dict(QUICK_SIZE) if quick else {}))
+  host = programs.batch(config, *BATCH)
+  ours = programs.switchx_phases(config, host)
+  theirs = programs.hf_phases(config, host, programs.hf_capacity(config, BATCH[1]))
+  programs_ = {f"switchx {k}": v for k, v in ours.items()} | {f"transformers {k}": v for k, v in theirs.items()}
+  times = timing.alternate(programs_, rounds, repeats)
+  return {"case": 5, "experts": experts, "ms": {k: 1000 * statistics.median(v) for k, v in times.items()}}
+
+
 def peak_memory(config_args: dict, batch: tuple) -> dict:
   """Runs benchmarks.memory in a fresh process (peak RSS is per process)."""
   payload = json.dumps({"config": config_args, "batch": batch})
@@ -117,7 +130,12 @@ def case_expert_scaling(experts: int, dispatch: str, dtype: str, quick: bool, ro
 
 def table(results: list[dict], meta: dict) -> str:
   lines = [f"switchx benchmarks ({meta['when']}, {meta['machine']}, {meta['threads']} threads, "
-           f"copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s{', QUICK' if meta['quick'] else ''})", ""]
+           f"copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s{', QUICK' if meta['quick'] else ''})"]
+  if "merged_from" in meta:
+    earlier = meta["merged_from"]
+    lines[0] += (f"; cases not rerun then come from the run of {earlier['when']} (copy bandwidth "
+                 f"{earlier['bandwidth_gbs']:.1f} GB/s)")
+  lines.append("")
   one = [r for r in results if r["case"] == 1]
   if one:
     lines += ["Case 1. Training step (fwd + bwd + AdamW), batch 8 x (128 + 32) tokens; target >= 1.5x.", "",
@@ -154,15 +172,28 @@ def table(results: list[dict], meta: dict) -> str:
               f"{r['transformers_tokens_per_s']:,.0f} | {r['speedup']:.2f}x | {r['token_agreement']:.2f} |"
               for r in four]
     lines.append("")
+  five = [r for r in results if r["case"] == 5]
+  if five:
+    lines += ["Profile of case 1 (float32): median ms of each phase, measured alternately in one run (the no-grad "
+              "forward of transformers skips autograd bookkeeping, so it is a lower bound).", "",
+              "| experts | framework | forward | backward (fwd+bwd - fwd) | optimizer and rest | full step |",
+              "|---|---|---|---|---|---|"]
+    for r in five:
+      for who in ("switchx", "transformers"):
+        f, fb, full = (r["ms"][f"{who} {k}"] for k in ("forward", "forward + backward", "full step"))
+        lines.append(f"| {r['experts']} | {who} | {f:.0f} | {fb - f:.0f} | {full - fb:.0f} | {full:.0f} |")
+    lines.append("")
   return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the benchmarks run")
-  p.add_argument("--cases", default="1,2,3,4", help="comma-separated case numbers")
+  p.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
   p.add_argument("--dtype", default="bfloat16", help="switchx activation dtype (parameters stay float32)")
   p.add_argument("--out", default=str(RESULTS))
+  p.add_argument("--merge", action="store_true",
+                 help="replace only the cases run now in an existing bench.json (the others keep their figures)")
   args = p.parse_args(argv)
   cases = {int(c) for c in args.cases.split(",")}
   rounds, repeats = (2, 1) if args.quick else (7, 3)
@@ -185,6 +216,17 @@ def main(argv=None) -> list[dict]:
   if 4 in cases:
     for dtype in ((args.dtype,) if args.quick else ("float32", args.dtype)):
       results.append(case_decode(8, dtype, args.quick, rounds, repeats))
+  if 5 in cases:
+    for experts in ((8,) if args.quick else (8, 128)):
+      results.append(case_profile(experts, args.quick, rounds, repeats))
+  if args.merge and (out_json := Path(args.out) / "bench.json").exists():
+    # Keep the earlier run's results for the cases not rerun now (each case's ratios are measured within itself).
+    earlier = json.loads(out_json.read_text())
+    kept = [r for r in earlier["results"] if r["case"] not in cases]
+    for r in kept:
+      r.setdefault("when", earlier["meta"]["when"])
+    results = sorted(kept + results, key=lambda r: r["case"])
+    meta["merged_from"] = earlier["meta"]
   text = table(results, meta)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
