@@ -9,7 +9,7 @@ def test_benchmarks_quick(tmp_path):
   pytest.importorskip("torch", reason="case 1 compares against transformers (the interop extra)")
   from benchmarks import run
   results = run.main(["--quick", "--out", str(tmp_path)])
-  assert {r["case"] for r in results} == {1, 2, 3, 4}
+  assert {r["case"] for r in results} == {1, 2, 3, 4, 5}
   payload = json.loads((tmp_path / "bench.json").read_text())
   assert payload["meta"]["bandwidth_gbs"] > 0
   one = [r for r in results if r["case"] == 1][0]
@@ -19,4 +19,6 @@ def test_benchmarks_quick(tmp_path):
   four = [r for r in results if r["case"] == 4][0]
   assert four["switchx_tokens_per_s"] > 0 and four["transformers_tokens_per_s"] > 0
   assert four["token_agreement"] > 0.5   # same weights, greedy: the two decoders mostly pick the same tokens
+  five = [r for r in results if r["case"] == 5][0]
+  assert all(ms > 0 for ms in five["ms"].values()) and len(five["ms"]) == 6   # 3 phases x 2 frameworks
   assert "Case 1" in (tmp_path / "bench.md").read_text()
