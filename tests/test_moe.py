@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from moe_oracle import oracle_moe
 from switchx.config import ModelConfig, MoeConfig
-from switchx.moe.layer import MoeLayer, group_shape, router_stats
+from switchx.moe.layer import MoeLayer, expert_matmul, group_shape, router_stats
 from switchx.moe.routing import experts_choose, tokens_choose
 
 D_MODEL, D_FF = 8, 16
@@ -205,6 +205,36 @@ def test_einsum_and_index_paths_agree_on_outputs_and_gradients(num_experts, k, l
   np.testing.assert_allclose(v1, v2, rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --- the expert matmul's hand-written backward -----------------------------------------------------------
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_expert_matmul_equals_einsum_in_value_and_gradients(tokens, dtype):
+  """expert_matmul's custom VJP (fixed dot layouts) against autodiff of the plain einsum, inside a small
+  two-matmul FFN so the input gradient of the second product feeds the weight gradient of the first."""
+  rng = np.random.RandomState(tokens)
+  x = jnp.asarray(rng.normal(size=(5, tokens, 6)), jnp.float32)                    # [E, T, I]
+  wi = jnp.asarray(rng.normal(size=(5, 6, 7)) * 0.3, jnp.float32)                # [E, I, O]
+  wo = jnp.asarray(rng.normal(size=(5, 7, 6)) * 0.3, jnp.float32)
+  target = jnp.asarray(rng.normal(size=(5, tokens, 6)), jnp.float32)
+
+  def reference(x, wi, wo):  # float32 einsums on the operands rounded to `dtype`, as the fast path rounds them
+    r = lambda a: a.astype(dtype).astype(jnp.float32)
+    h = jax.nn.relu(r(jnp.einsum("eti,eio->eto", r(x), r(wi), precision="highest")))
+    return jnp.einsum("eti,eio->eto", h, r(wo), precision="highest")
+
+  def fast(x, wi, wo):
+    return expert_matmul(jax.nn.relu(expert_matmul(x, wi, dtype)), wo, dtype).astype(jnp.float32)
+
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a) - target))
+  (v1, g1), (v2, g2) = (jax.jit(jax.value_and_grad(loss(f), argnums=(0, 1, 2)))(x, wi, wo)
+                        for f in (fast, reference))
+  tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=3e-2, atol=3e-2)
+  np.testing.assert_allclose(v1, v2, **tol)
+  for name, a, b in zip(("x", "wi", "wo"), g1, g2):
+    assert a.dtype == jnp.float32, name   # weight gradients come back in the parameters' dtype
+    np.testing.assert_allclose(a, b, err_msg=name, **tol)
 
 
 # --- losses --------------------------------------------------------------------------------------------------
