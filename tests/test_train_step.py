@@ -109,3 +109,22 @@ def test_adafactor_treats_each_expert_as_its_own_matrix():
                                rtol=1e-5, atol=1e-8)
   factored = jax.tree_util.tree_leaves(state.inner_states["expert"])
   assert {(300, 130), (300, 140)} <= {tuple(x.shape) for x in factored}  # v_row [E, D], v_col [E, F]
+
+
+def test_compiled_train_step_updates_parameters_in_place():
+  """The donated step writes the new parameters into the old buffers without first copying every parameter
+  (train/state.compiler_options: XLA's default copy insertion on CPU copies each one)."""
+  from switchx.parallel.mesh import MeshConfig, make_mesh
+  from switchx.parallel.partitioning import Partitioner
+  from switchx.train import state as state_lib
+  config = tiny_switch_config(group_size=64)
+  batch = copy_task_batch(np.random.RandomState(0), batch=4)
+  train_cfg = TrainConfig(optimizer="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0,
+                          batch_size=4)
+  run = state_lib.build(config, train_cfg, Partitioner(make_mesh(MeshConfig(), jax.devices()[:1])), batch)
+  state = run.init(jax.random.PRNGKey(0))
+  with run.partitioner.context():
+    hlo = run._train_step.lower(state, run.shard_batch(batch), jax.random.PRNGKey(1)).compile().as_text()
+  assert "%state_params" in hlo   # the parameters keep their names in the compiled program
+  copied = [line for line in hlo.splitlines() if " copy(%state_params" in line]
+  assert not copied, copied[:3]

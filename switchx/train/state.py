@@ -82,6 +82,16 @@ class Run:
       return self._grads(params, batch, rng, train)
 
 
+def compiler_options(partitioner: Partitioner) -> dict | None:
+  """XLA options for the donated train step. On CPU, region-based copy insertion: the default analysis cannot
+  prove that the backward's last read of a weight (for the input gradient, which the weight's own update does
+  not depend on) comes before the in-place update of the donated buffer, so it copies every parameter at the
+  start of each step (4 bytes per parameter of memory, 8 of traffic). The region analysis sees the order."""
+  if partitioner.mesh.devices.flat[0].platform == "cpu":
+    return {"xla_cpu_copy_insertion_use_region_analysis": True}
+  return None
+
+
 def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partitioner, example_batch: dict,
           optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None) -> Run:
   """Validates the config against the mesh and compiles (lazily) init / train / eval steps with shardings.
@@ -113,7 +123,7 @@ def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partition
                         z_loss_coef=train_config.z_loss_coef,
                         accumulation_steps=train_config.gradient_accumulation_steps),
       in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=compiler_options(partitioner))
   eval_step = jax.jit(functools.partial(step_lib.eval_step, model=model),
                       in_shardings=(shardings.params, batch_sharding), out_shardings=replicated)
 
