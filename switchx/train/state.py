@@ -113,11 +113,14 @@ def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partition
   shardings = partitioner.shardings(state_specs)
   batch_sharding, replicated = partitioner.batch_sharding, partitioner.replicated
 
-  init = jax.jit(init_fn, out_shardings=shardings)
-  init_from_params = jax.jit(
-      lambda params: step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                         opt_state=optimizer.init(params)),
-      in_shardings=(shardings.params,), out_shardings=shardings)
+  # Two programs, parameters first and then the optimizer state around them (the fresh parameters donated):
+  # one program holding both would keep the parameters' initialisation temporaries alive beside the optimizer
+  # state, the run's peak memory (AdamW at 512 experts: 17.5 bytes per parameter instead of 12).
+  init_params = jax.jit(lambda rng: step_lib.init_params(model, rng, dummy_batch()), out_shardings=shardings.params)
+  start = functools.partial(step_lib.start_train_state, optimizer)
+  start_donated = jax.jit(start, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=(0,))
+  init = lambda rng: start_donated(init_params(rng))
+  init_from_params = jax.jit(start, in_shardings=(shardings.params,), out_shardings=shardings)
   train_step = jax.jit(
       functools.partial(step_lib.train_step, model=model, optimizer=optimizer, schedule=schedule,
                         z_loss_coef=train_config.z_loss_coef,

@@ -36,7 +36,15 @@ def init_train_state(model: EncoderDecoder, optimizer: optax.GradientTransformat
                      batch: dict) -> TrainState:
   """Fresh parameters (unboxed: plain arrays) and optimizer state. The loop jits this with out_shardings
   computed from the parameters' logical axes, so each device creates only its own shard."""
-  params = nn.unbox(model.init(rng, **model_inputs(batch))["params"])
+  return start_train_state(optimizer, init_params(model, rng, batch))
+
+
+def init_params(model: EncoderDecoder, rng: jax.Array, batch: dict):
+  return nn.unbox(model.init(rng, **model_inputs(batch))["params"])
+
+
+def start_train_state(optimizer: optax.GradientTransformation, params) -> TrainState:
+  """Step 0 and a fresh optimizer state around `params`."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
