@@ -111,6 +111,12 @@ def test_adafactor_treats_each_expert_as_its_own_matrix():
   assert {(300, 130), (300, 140)} <= {tuple(x.shape) for x in factored}  # v_row [E, D], v_col [E, F]
 
 
+def test_global_norm_equals_optax():
+  import optax
+  tree = {"a": jnp.arange(12.0).reshape(3, 4), "b": {"c": -jnp.ones((2, 5, 3))}}
+  np.testing.assert_allclose(step_lib.global_norm(tree), optax.global_norm(tree), rtol=1e-6)
+
+
 def test_compiled_train_step_updates_parameters_in_place():
   """The donated step writes the new parameters into the old buffers without first copying every parameter
   (train/state.compiler_options: XLA's default copy insertion on CPU copies each one)."""
