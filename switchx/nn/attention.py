@@ -92,7 +92,7 @@ class MultiHeadAttention(nn.Module):
   """T5 multi-head attention, optionally over a key/value cache (the flax 'cache' collection) for decoding.
 
   kv_cache=None: ordinary attention (training, scoring). kv_cache="self": decoder self-attention one token at a
-  time; the cache holds cached_key / cached_value [B, L_max, H, Dh] and cache_index (slots filled), each call
+  time; the cache holds cached_key / cached_value [B, H, Dh, L_max] and cache_index (slots filled), each call
   writes the new token's key and value at cache_index and attends over all L_max slots (the caller's bias masks
   the empty ones). kv_cache="cross": the keys and values of inputs_kv (the encoder output) are projected on the
   first call and read back afterwards, so each step costs nothing in the encoder length but the dot products.
@@ -122,37 +122,39 @@ class MultiHeadAttention(nn.Module):
     k = proj("key", self.init_scale)(inputs_kv)                              # [B, K, H, Dh]
     v = proj("value", self.init_scale)(inputs_kv)                            # [B, K, H, Dh]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
-    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+    # Keys and values head-major, [B, H, Dh, K]: the layout XLA's CPU dots read them in. A decoding cache kept
+    # in this layout is read as it is, instead of being transposed (a full copy of the cache) at every step.
+    k = nn.with_logical_constraint(jnp.einsum("bkhd->bhdk", k), ("batch", "heads", "kv", "length"))
+    v = nn.with_logical_constraint(jnp.einsum("bkhd->bhdk", v), ("batch", "heads", "kv", "length"))
     if kv_cache == "self":
       k, v = self._self_cache(k, v)
     elif kv_cache == "cross":
       k, v = self._cross_cache(k, v)
 
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # [B, H, Q, K]
+    logits = jnp.einsum("bqhd,bhdk->bhqk", q, k, preferred_element_type=jnp.float32)  # [B, H, Q, K]
     weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = matmul("bhqk,bkhd->bqhd", weights, v, self.dtype)                  # [B, Q, H, Dh]
+    out = matmul("bhqk,bhdk->bqhd", weights, v, self.dtype)                  # [B, Q, H, Dh]
     out = DenseGeneral(d_model, ("heads", "kv", "embed"), num_contract=2, init_scale=self.init_scale,
                        dtype=self.dtype, name="out")(out)                    # [B, Q, D]
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
   def _self_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Writes this step's key / value [B, 1, H, Dh] at cache_index -> the whole cache [B, L_max, H, Dh] each.
-    On the call that creates the cache (k, v [B, L_max, H, Dh]) it stays empty and k, v pass through."""
+    """Writes this step's key / value [B, H, Dh, 1] at cache_index -> the whole cache [B, H, Dh, L_max] each.
+    On the call that creates the cache (k, v [B, H, Dh, L_max]) it stays empty and k, v pass through."""
     filled = self.has_variable("cache", "cached_key")
     cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
     cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if not filled:
       return k, v
-    batch, steps, heads, head_dim = k.shape
-    if steps != 1 or cached_key.value.shape != (batch, cached_key.value.shape[1], heads, head_dim):
+    batch, heads, head_dim, steps = k.shape
+    if steps != 1 or cached_key.value.shape != (batch, heads, head_dim, cached_key.value.shape[-1]):
       raise ValueError(f"a cached decoding step takes one token per row: got keys {k.shape} for a cache of "
-                       f"{cached_key.value.shape} ([B, L_max, H, Dh]).")
+                       f"{cached_key.value.shape} ([B, H, Dh, L_max]).")
     index = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, 0, 0, index))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, 0, 0, index))
     cache_index.value = index + 1
     return cached_key.value, cached_value.value
 
