@@ -48,17 +48,25 @@ def group_shape(num_tokens: int, max_group_size: int, num_partitions: int = 1) -
   return num_groups, num_tokens // num_groups
 
 
+# Up to this many tokens per expert (G * C), expert_matmul fixes its dots' layouts; above it, plain autodiff.
+FIXED_LAYOUT_MAX_TOKENS = 128
+
+
 def expert_matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
   """Per-expert matmul [E, T, I] x [E, I, O] -> [E, T, O] in `dtype` (operands cast, float32 accumulation).
 
-  The same product as einsum('eti,eio->eto'), with a hand-written backward that fixes the memory layout of
-  every dot: XLA's CPU backend runs a batched dot whose output keeps the tokens last and whose weight is
-  contracted along its contiguous (last) axis several times faster than the layouts autodiff and its layout
-  passes choose when T (tokens per expert) is small, as it is with many experts. Optimization barriers keep the
-  transposed operands and outputs from being folded back into the dots (benchmarks/README.md: 1.4-1.9x for
-  the expert FFN's forward + backward at 128-512 experts, unchanged at 8). Results equal the einsum's up to
-  float32 summation order; dw comes back in w's dtype (float32 parameters), accumulated in float32.
+  The product einsum('eti,eio->eto'). With few tokens per expert (T <= FIXED_LAYOUT_MAX_TOKENS, the usual case
+  with many experts) it runs with a hand-written backward that fixes the memory layout of every dot: XLA's CPU
+  backend runs a batched dot several times faster when its weight is contracted along its contiguous (last)
+  axis and its output keeps the tokens last than in the layouts autodiff and its layout passes choose.
+  Optimization barriers keep the transposed operands and outputs from being folded back into the dots.
+  Measured on the expert FFN's forward + backward (2-core CPU): 1.5x at 128 experts x 16 tokens, 1.2x at
+  64 x 32; even at 8 x 128; slower from 256 tokens on, where the transposes cost more than they save, hence the
+  threshold. Results equal the einsum's up to float32 summation order; dw comes back in w's dtype (float32
+  parameters), accumulated in float32.
   """
+  if x.shape[1] > FIXED_LAYOUT_MAX_TOKENS:
+    return matmul("eti,eio->eto", x, w, dtype)
   return _expert_matmul(x.astype(dtype), w, jnp.dtype(dtype))
 
 
