@@ -111,6 +111,26 @@ def test_adafactor_treats_each_expert_as_its_own_matrix():
   assert {(300, 130), (300, 140)} <= {tuple(x.shape) for x in factored}  # v_row [E, D], v_col [E, F]
 
 
+def test_t5_adafactor_equals_optax_adafactor():
+  """Same updates over several steps (factored, unfactored, a zero parameter that takes the 1e-3 floor) and the
+  same state tree, so checkpoints written with optax.adafactor restore."""
+  import optax
+  reference = optax.adafactor(learning_rate=0.01, decay_rate=0.8, clipping_threshold=1.0, momentum=None,
+                              multiply_by_parameter_scale=True, factored=True, min_dim_size_to_factor=128)
+  ours = optim.t5_adafactor(0.01)
+  rng = np.random.RandomState(0)
+  params = {"big": jnp.asarray(rng.normal(size=(130, 140)), jnp.float32),
+            "small": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32), "zero": jnp.zeros((4,), jnp.float32)}
+  states = [tx.init(params) for tx in (reference, ours)]
+  assert jax.tree_util.tree_structure(states[0]) == jax.tree_util.tree_structure(states[1])
+  for _ in range(3):
+    grads = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    (u1, states[0]), (u2, states[1]) = (tx.update(grads, st, params) for tx, st in zip((reference, ours), states))
+    for a, b in zip(jax.tree_util.tree_leaves(u1), jax.tree_util.tree_leaves(u2)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    params = optax.apply_updates(params, u2)
+
+
 def test_global_norm_equals_optax():
   import optax
   tree = {"a": jnp.arange(12.0).reshape(3, 4), "b": {"c": -jnp.ones((2, 5, 3))}}
