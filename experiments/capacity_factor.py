@@ -46,8 +46,9 @@ def main(argv=None) -> dict:
     lines.append(f"| {row['case'].split(' cf')[0]} | {row['capacity_factor']} | {row['balance_coef']} | "
                  f"{common.fmt(row['eval_loss_mean'], row['eval_loss_spread'])} | {100 * row['dropped_fraction']:.1f}% | "
                  f"{row['step_ms']:.0f} ms |")
-  common.plot(Path(args.out) / "capacity_factor.png", curves, "Held-out loss by capacity factor")
-  common.write("capacity_factor", args.out, {"setting": base, "rows": rows}, "\n".join(lines), common.command_line())
+  name = common.result_name("capacity_factor", args)
+  common.plot(Path(args.out) / f"{name}.png", curves, "Held-out loss by capacity factor")
+  common.write(name, args.out, {"setting": base, "rows": rows}, "\n".join(lines), common.command_line())
   return {"rows": rows}
 
 

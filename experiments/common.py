@@ -39,6 +39,8 @@ def parser(description: str) -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=0, help="override the number of training steps")
   p.add_argument("--out", default=str(RESULTS), help="where tables, JSON and plots go")
   p.add_argument("--work_dir", default="/tmp/switchx_experiments", help="scratch run directories")
+  p.add_argument("--tag", default="", help="suffix of the result files (e.g. 10k: expert_count_10k.md), so a "
+                 "longer variant of an experiment is written beside the standard one")
   p.add_argument("--corpus", choices=("docstrings", "builtin"), default="docstrings",
                  help="full runs: the ~15 MB package-docstring corpus (one epoch; experiments/corpus.py) or the "
                       "built-in 0.46M-token corpus (several epochs)")
@@ -125,6 +127,11 @@ def _runs(tree) -> dict:
   for item in tree if isinstance(tree, list) else []:
     found.update(_runs(item))
   return found
+
+
+def result_name(name: str, args) -> str:
+  """The experiment's result file stem: `name`, or name_<tag> with --tag."""
+  return f"{name}_{args.tag}" if getattr(args, "tag", "") else name
 
 
 def write(name: str, out: str, payload: dict, markdown: str, command: str) -> None:

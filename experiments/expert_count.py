@@ -27,11 +27,18 @@ def label(experts: int) -> str:
   return "dense" if experts == 0 else f"switch-{experts}"
 
 
+def chosen(args) -> tuple[int, ...]:
+  return tuple(int(e) for e in args.experts.split(",")) if args.experts else EXPERTS
+
+
 def main(argv=None) -> dict:
-  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+  parser = common.parser(__doc__.splitlines()[0])
+  parser.add_argument("--experts", default="", help="comma-separated expert counts to run (default: %s)"
+                      % ",".join(map(str, EXPERTS)))
+  args = parser.parse_args(argv)
   base = common.setting(args)
   rows, curves = [], {}
-  for experts in (QUICK_EXPERTS if args.quick else EXPERTS):
+  for experts in (QUICK_EXPERTS if args.quick else chosen(args)):
     runs = [common.run(label(experts), overrides(experts), seed, base, args.work_dir) for seed in range(base["seeds"])]
     mean, spread = common.mean_spread([r["final_eval_loss"] for r in runs])
     rows.append({"experts": experts, "total_params": runs[0]["total_params"],
@@ -46,8 +53,9 @@ def main(argv=None) -> dict:
                  f"{row['flops_per_token'] / 1e6:.2f}M | {common.fmt(row['eval_loss_mean'], row['eval_loss_spread'])} | "
                  f"{row['eval_loss_mean'] - dense:+.3f} |")
   out = Path(args.out)
-  common.plot(out / "expert_count.png", curves, "Held-out loss: more experts at equal FLOPs per token")
-  common.write("expert_count", args.out, {"setting": base, "rows": rows}, "\n".join(lines), common.command_line())
+  name = common.result_name("expert_count", args)
+  common.plot(out / f"{name}.png", curves, "Held-out loss: more experts at equal FLOPs per token")
+  common.write(name, args.out, {"setting": base, "rows": rows}, "\n".join(lines), common.command_line())
   return {"rows": rows}
 
 

@@ -37,8 +37,9 @@ def main(argv=None) -> dict:
     per_seed = ", ".join(f"{v:.3f}" for v in row["per_seed"])
     lines.append(f"| {row['init_scale']} | {common.fmt(row['eval_loss_mean'], row['eval_loss_spread'])} | "
                  f"{-row['eval_loss_mean']:.3f} | {per_seed} |")
-  common.plot(Path(args.out) / "init_scale.png", curves, "Held-out loss by initialisation scale")
-  common.write("init_scale", args.out, {"setting": base, "rows": rows}, "\n".join(lines), common.command_line())
+  name = common.result_name("init_scale", args)
+  common.plot(Path(args.out) / f"{name}.png", curves, "Held-out loss by initialisation scale")
+  common.write(name, args.out, {"setting": base, "rows": rows}, "\n".join(lines), common.command_line())
   return {"rows": rows}
 
 

@@ -15,15 +15,22 @@ EXPERTS = (8, 32, 64)
 QUICK_EXPERTS = (2,)
 
 
+def chosen(args) -> tuple[int, ...]:
+  return tuple(int(e) for e in args.experts.split(",")) if args.experts else EXPERTS
+
+
 def main(argv=None) -> dict:
-  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+  parser = common.parser(__doc__.splitlines()[0])
+  parser.add_argument("--experts", default="", help="comma-separated expert counts to run (default: %s)"
+                      % ",".join(map(str, EXPERTS)))
+  args = parser.parse_args(argv)
   base = common.setting(args)
   seeds = range(base["seeds"])
   dense = [common.run("dense", expert_count.overrides(0), s, base, args.work_dir) for s in seeds]
   target = sum(r["final_eval_loss"] for r in dense) / len(dense)
   dense_step_s = sum(r["step_time_s"] or 0 for r in dense) / len(dense)
   rows, curves = [], {"dense": [r["eval_curve"] for r in dense]}
-  for experts in (QUICK_EXPERTS if args.quick else EXPERTS):
+  for experts in (QUICK_EXPERTS if args.quick else chosen(args)):
     runs = [common.run(expert_count.label(experts), expert_count.overrides(experts), s, base, args.work_dir)
             for s in seeds]
     reached = [common.steps_to_reach(r["eval_curve"], target) for r in runs]
@@ -46,8 +53,9 @@ def main(argv=None) -> dict:
       speed, time_speed = "-", "-"
     lines.append(f"| {expert_count.label(row['experts'])} | {steps} | {speed} | {row['step_time_ratio']:.2f}x | "
                  f"{time_speed} |")
-  common.plot(Path(args.out) / "sparse_vs_dense.png", curves, "Held-out loss: Switch vs its FLOP-matched dense twin")
-  common.write("sparse_vs_dense", args.out, {"setting": base, "dense_target": target, "rows": rows},
+  name = common.result_name("sparse_vs_dense", args)
+  common.plot(Path(args.out) / f"{name}.png", curves, "Held-out loss: Switch vs its FLOP-matched dense twin")
+  common.write(name, args.out, {"setting": base, "dense_target": target, "rows": rows},
                "\n".join(lines), common.command_line())
   return {"rows": rows, "target": target}
 
