@@ -80,6 +80,9 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
   started = time.perf_counter()
   summary = train(model, train_cfg, gin_config.data_config(), model_dir=model_dir, show_progress=False,
                   name=f"{name} seed {seed}")
+  if summary["interrupted"]:  # nothing is cached, so rerunning the script trains this run again
+    raise SystemExit(f"{name} seed {seed}: {summary['interrupted']} at step {summary['final_step']} of "
+                     f"{base['steps']}; no result was recorded for this run (rerun the script to train it).")
   counts = model_stats.param_counts(model)
   result = {"name": name, "seed": seed, "overrides": overrides, "steps": base["steps"],
             "final_eval_loss": summary["eval_loss"], "final_train_loss": summary["train_loss"],
