@@ -39,6 +39,8 @@ def parser(description: str) -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=0, help="override the number of training steps")
   p.add_argument("--out", default=str(RESULTS), help="where tables, JSON and plots go")
   p.add_argument("--work_dir", default="/tmp/switchx_experiments", help="scratch run directories")
+  p.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                 help="an extra gin binding for every run, e.g. --gin ModelConfig.num_encoder_layers=12 (repeatable)")
   p.add_argument("--tag", default="", help="suffix of the result files (e.g. 10k: expert_count_10k.md), so a "
                  "longer variant of an experiment is written beside the standard one")
   p.add_argument("--corpus", choices=("docstrings", "builtin"), default="docstrings",
@@ -52,6 +54,8 @@ def setting(args) -> dict:
   if args.steps:
     base["steps"] = args.steps
   base["seeds"] = 1 if args.quick else args.seeds
+  if args.gin:
+    base["extra"] = [*base.get("extra", []), *args.gin]
   if not args.quick and args.corpus == "docstrings":
     from experiments import corpus
     path = corpus.build(Path(args.work_dir) / "docstrings.jsonl")

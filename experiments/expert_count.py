@@ -27,15 +27,19 @@ def label(experts: int) -> str:
   return "dense" if experts == 0 else f"switch-{experts}"
 
 
+def parser():
+  p = common.parser(__doc__.splitlines()[0])
+  p.add_argument("--experts", default="", help="comma-separated expert counts to run (default: %s)"
+                 % ",".join(map(str, EXPERTS)))
+  return p
+
+
 def chosen(args) -> tuple[int, ...]:
   return tuple(int(e) for e in args.experts.split(",")) if args.experts else EXPERTS
 
 
 def main(argv=None) -> dict:
-  parser = common.parser(__doc__.splitlines()[0])
-  parser.add_argument("--experts", default="", help="comma-separated expert counts to run (default: %s)"
-                      % ",".join(map(str, EXPERTS)))
-  args = parser.parse_args(argv)
+  args = parser().parse_args(argv)
   base = common.setting(args)
   rows, curves = [], {}
   for experts in (QUICK_EXPERTS if args.quick else chosen(args)):

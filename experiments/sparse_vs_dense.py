@@ -15,15 +15,19 @@ EXPERTS = (8, 32, 64)
 QUICK_EXPERTS = (2,)
 
 
+def parser():
+  p = common.parser(__doc__.splitlines()[0])
+  p.add_argument("--experts", default="", help="comma-separated expert counts to run (default: %s)"
+                 % ",".join(map(str, EXPERTS)))
+  return p
+
+
 def chosen(args) -> tuple[int, ...]:
   return tuple(int(e) for e in args.experts.split(",")) if args.experts else EXPERTS
 
 
 def main(argv=None) -> dict:
-  parser = common.parser(__doc__.splitlines()[0])
-  parser.add_argument("--experts", default="", help="comma-separated expert counts to run (default: %s)"
-                      % ",".join(map(str, EXPERTS)))
-  args = parser.parse_args(argv)
+  args = parser().parse_args(argv)
   base = common.setting(args)
   seeds = range(base["seeds"])
   dense = [common.run("dense", expert_count.overrides(0), s, base, args.work_dir) for s in seeds]

@@ -34,3 +34,15 @@ def test_readme_quotes_the_committed_results():
     block = re.search(rf"<!-- {name}:begin -->\n(.*?)\n<!-- {name}:end -->", readme, re.S)
     assert block, f"experiments/README.md has no block for {name}"
     assert block.group(1).strip() == table.strip(), f"{name}: run `python -m experiments.report`"
+
+
+def test_variant_options_name_their_results_and_reach_every_run():
+  """--tag writes results beside the standard ones, --experts picks the configurations, --gin reaches the runs."""
+  from experiments import common
+  args = expert_count.parser().parse_args(["--quick", "--tag", "8k", "--experts", "0,8", "--gin", "X.y=1"])
+  assert common.result_name("expert_count", args) == "expert_count_8k"
+  assert common.result_name("expert_count", expert_count.parser().parse_args([])) == "expert_count"
+  assert expert_count.chosen(args) == (0, 8) and expert_count.chosen(expert_count.parser().parse_args([])) == \
+      expert_count.EXPERTS
+  assert "X.y=1" in common.setting(args)["extra"]
+
