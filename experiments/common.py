@@ -32,8 +32,12 @@ QUICK = dict(preset="models/switch_cpu", steps=4, eval_every=2, batch_size=4, in
                     "TrainConfig.eval_batches=1"])
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, experts: tuple[int, ...] | None = None) -> argparse.ArgumentParser:
+  """The options every script takes; `experts` (the script's default expert counts, 0 = dense) adds --experts."""
   p = argparse.ArgumentParser(description=description)
+  if experts is not None:
+    p.add_argument("--experts", default=experts, type=lambda s: tuple(int(e) for e in s.split(",")),
+                   help=f"comma-separated expert counts to run (default: {','.join(map(str, experts))})")
   p.add_argument("--quick", action="store_true", help="tiny model, a few steps: checks the script works")
   p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (full runs)")
   p.add_argument("--steps", type=int, default=0, help="override the number of training steps")

@@ -28,34 +28,27 @@ def label(experts: int) -> str:
 
 
 def parser():
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument("--experts", default="", help="comma-separated expert counts to run (default: %s)"
-                 % ",".join(map(str, EXPERTS)))
-  return p
-
-
-def chosen(args) -> tuple[int, ...]:
-  return tuple(int(e) for e in args.experts.split(",")) if args.experts else EXPERTS
+  return common.parser(__doc__.splitlines()[0], experts=EXPERTS)
 
 
 def main(argv=None) -> dict:
   args = parser().parse_args(argv)
   base = common.setting(args)
   rows, curves = [], {}
-  for experts in (QUICK_EXPERTS if args.quick else chosen(args)):
+  for experts in (QUICK_EXPERTS if args.quick else args.experts):
     runs = [common.run(label(experts), overrides(experts), seed, base, args.work_dir) for seed in range(base["seeds"])]
     mean, spread = common.mean_spread([r["final_eval_loss"] for r in runs])
     rows.append({"experts": experts, "total_params": runs[0]["total_params"],
                  "flops_per_token": runs[0]["flops_per_token"], "eval_loss_mean": mean, "eval_loss_spread": spread,
                  "dropped_fraction": runs[0]["dropped_fraction"], "runs": runs})
     curves[label(experts)] = [r["eval_curve"] for r in runs]
-  dense = rows[0]["eval_loss_mean"]
+  dense = next((row["eval_loss_mean"] for row in rows if row["experts"] == 0), None)   # --experts may omit it
   lines = [f"Held-out loss after {base['steps']} steps, mean ± half-range over {base['seeds']} seed(s).", "",
            "| model | parameters | FLOPs / token | held-out loss | vs dense |", "|---|---|---|---|---|"]
   for row in rows:
     lines.append(f"| {label(row['experts'])} | {row['total_params'] / 1e6:.2f}M | "
                  f"{row['flops_per_token'] / 1e6:.2f}M | {common.fmt(row['eval_loss_mean'], row['eval_loss_spread'])} | "
-                 f"{row['eval_loss_mean'] - dense:+.3f} |")
+                 f"{'-' if dense is None else format(row['eval_loss_mean'] - dense, '+.3f')} |")
   out = Path(args.out)
   name = common.result_name("expert_count", args)
   common.plot(out / f"{name}.png", curves, "Held-out loss: more experts at equal FLOPs per token")

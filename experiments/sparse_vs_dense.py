@@ -16,14 +16,7 @@ QUICK_EXPERTS = (2,)
 
 
 def parser():
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument("--experts", default="", help="comma-separated expert counts to run (default: %s)"
-                 % ",".join(map(str, EXPERTS)))
-  return p
-
-
-def chosen(args) -> tuple[int, ...]:
-  return tuple(int(e) for e in args.experts.split(",")) if args.experts else EXPERTS
+  return common.parser(__doc__.splitlines()[0], experts=EXPERTS)
 
 
 def main(argv=None) -> dict:
@@ -34,7 +27,7 @@ def main(argv=None) -> dict:
   target = sum(r["final_eval_loss"] for r in dense) / len(dense)
   dense_step_s = sum(r["step_time_s"] or 0 for r in dense) / len(dense)
   rows, curves = [], {"dense": [r["eval_curve"] for r in dense]}
-  for experts in (QUICK_EXPERTS if args.quick else chosen(args)):
+  for experts in (QUICK_EXPERTS if args.quick else args.experts):
     runs = [common.run(expert_count.label(experts), expert_count.overrides(experts), s, base, args.work_dir)
             for s in seeds]
     reached = [common.steps_to_reach(r["eval_curve"], target) for r in runs]

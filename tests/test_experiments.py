@@ -42,7 +42,6 @@ def test_variant_options_name_their_results_and_reach_every_run():
   args = expert_count.parser().parse_args(["--quick", "--tag", "8k", "--experts", "0,8", "--gin", "X.y=1"])
   assert common.result_name("expert_count", args) == "expert_count_8k"
   assert common.result_name("expert_count", expert_count.parser().parse_args([])) == "expert_count"
-  assert expert_count.chosen(args) == (0, 8) and expert_count.chosen(expert_count.parser().parse_args([])) == \
-      expert_count.EXPERTS
+  assert args.experts == (0, 8) and expert_count.parser().parse_args([]).experts == expert_count.EXPERTS
   assert "X.y=1" in common.setting(args)["extra"]
 
