@@ -45,6 +45,8 @@ def parser(description: str, experts: tuple[int, ...] | None = None) -> argparse
   p.add_argument("--work_dir", default="/tmp/switchx_experiments", help="scratch run directories")
   p.add_argument("--gin", action="append", default=[], metavar="BINDING",
                  help="an extra gin binding for every run, e.g. --gin ModelConfig.num_encoder_layers=12 (repeatable)")
+  p.add_argument("--at_steps", default=(), type=lambda s: tuple(int(x) for x in s.split(",")),
+                 help="comma-separated steps at which tables also report the held-out loss (e.g. 1000,2800)")
   p.add_argument("--tag", default="", help="suffix of the result files (e.g. 10k: expert_count_10k.md), so a "
                  "longer variant of an experiment is written beside the standard one")
   p.add_argument("--corpus", choices=("docstrings", "builtin"), default="docstrings",
@@ -66,6 +68,12 @@ def setting(args) -> dict:
     base["extra"] = [*base.get("extra", []), "DataConfig.source='text'", f"DataConfig.paths=('{path}',)"]
     base["corpus_versions"] = json.loads(path.with_suffix(".versions.json").read_text())
   return base
+
+
+def model_config(base: dict):
+  """The ModelConfig every run of `base` starts from (its preset and extra bindings)."""
+  gin_config.parse([base["preset"], "runs/demo"], base.get("extra", []))
+  return gin_config.model_config()
 
 
 def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -> dict:
@@ -108,6 +116,42 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
   cached.write_text(json.dumps(result))
   shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the bulky state
   return result
+
+
+def steps_per_epoch(base: dict, work_dir: str, seed: int = 0) -> float:
+  """Training steps in one pass over the training documents of `seed`'s split (cached in work_dir): runs longer
+  than this repeat data, which the paper's runs never do."""
+  bindings = [f"TrainConfig.batch_size={base['batch_size']}", f"TrainConfig.inputs_length={base['inputs_length']}",
+              f"TrainConfig.targets_length={base['targets_length']}", f"TrainConfig.seed={seed}",
+              *base.get("extra", [])]
+  key = hashlib.sha256(json.dumps([base["preset"], bindings]).encode()).hexdigest()[:16]
+  cached = Path(work_dir) / "results" / f"epoch-{key}.json"
+  if cached.exists():
+    return json.loads(cached.read_text())["steps_per_epoch"]
+  from switchx.train.loop import load_data
+  gin_config.parse([base["preset"], "runs/demo"], bindings)
+  _, pipeline, _ = load_data(gin_config.data_config(), gin_config.train_config())
+  steps = pipeline.examples_per_epoch / base["batch_size"]   # one example per row: chunks fill inputs_length
+  cached.parent.mkdir(parents=True, exist_ok=True)
+  cached.write_text(json.dumps({"steps_per_epoch": steps}))
+  return steps
+
+
+def loss_at(curve: list[tuple[int, float]], step: int) -> float | None:
+  """An eval curve's loss at `step` (linear between evaluations), None outside the curve."""
+  for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+    if s0 <= step <= s1:
+      return l0 + (l1 - l0) * (step - s0) / max(s1 - s0, 1)
+  return curve[0][1] if curve and curve[0][0] == step else None
+
+
+def mean_loss_at(runs: list[dict], step: int) -> tuple[float, float]:
+  """(mean, spread) over seeds of the held-out loss at `step`."""
+  losses = [loss_at(r["eval_curve"], step) for r in runs]
+  if None in losses:
+    raise SystemExit(f"--at_steps {step}: outside the runs' evaluations (steps "
+                     f"{runs[0]['eval_curve'][0][0]}..{runs[0]['eval_curve'][-1][0]}).")
+  return mean_spread(losses)
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -162,8 +206,10 @@ def command_line() -> str:
   return "python -m experiments." + Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:])
 
 
-def plot(path: Path, series: dict[str, list[list[tuple[int, float]]]], title: str, ylabel: str = "held-out loss"):
-  """One line per series: the mean over seeds of eval curves, with a band for min..max."""
+def plot(path: Path, series: dict[str, list[list[tuple[int, float]]]], title: str, ylabel: str = "held-out loss",
+         epoch_steps: float | None = None):
+  """One line per series: the mean over seeds of eval curves, with a band for min..max; dashed lines where a
+  new pass over the training text begins (every `epoch_steps`)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -176,6 +222,11 @@ def plot(path: Path, series: dict[str, list[list[tuple[int, float]]]], title: st
     if len(curves) > 1:
       ax.fill_between(steps, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)],
                       color=line.get_color(), alpha=0.15)
+  if epoch_steps:
+    last = max(s for curves in series.values() for s, _ in curves[0])
+    for k in range(1, int(last // epoch_steps) + 1):
+      ax.axvline(k * epoch_steps, color="gray", linestyle="--", linewidth=0.8,
+                 label="new pass over the text" if k == 1 else None)
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
   ax.set_title(title)

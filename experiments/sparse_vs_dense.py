@@ -16,7 +16,10 @@ QUICK_EXPERTS = (2,)
 
 
 def parser():
-  return common.parser(__doc__.splitlines()[0], experts=EXPERTS)
+  p = common.parser(__doc__.splitlines()[0], experts=EXPERTS)
+  p.add_argument("--target_step", type=int, default=0,
+                 help="the dense model's held-out loss at this step is the target (default: its final step)")
+  return p
 
 
 def main(argv=None) -> dict:
@@ -24,7 +27,8 @@ def main(argv=None) -> dict:
   base = common.setting(args)
   seeds = range(base["seeds"])
   dense = [common.run("dense", expert_count.overrides(0), s, base, args.work_dir) for s in seeds]
-  target = sum(r["final_eval_loss"] for r in dense) / len(dense)
+  target_step = args.target_step or base["steps"]
+  target = common.mean_loss_at(dense, target_step)[0]
   dense_step_s = sum(r["step_time_s"] or 0 for r in dense) / len(dense)
   rows, curves = [], {"dense": [r["eval_curve"] for r in dense]}
   for experts in (QUICK_EXPERTS if args.quick else args.experts):
@@ -32,13 +36,15 @@ def main(argv=None) -> dict:
             for s in seeds]
     reached = [common.steps_to_reach(r["eval_curve"], target) for r in runs]
     step_s = sum(r["step_time_s"] or 0 for r in runs) / len(runs)
-    speedups = [base["steps"] / s for s in reached if s]
+    speedups = [target_step / s for s in reached if s]
     rows.append({"experts": experts, "steps_to_dense_loss": reached, "step_time_ratio": step_s / max(dense_step_s, 1e-9),
                  "speedup_steps": common.mean_spread(speedups) if len(speedups) == len(reached) else None,
                  "runs": runs})
     curves[expert_count.label(experts)] = [r["eval_curve"] for r in runs]
-  lines = [f"Dense final held-out loss after {base['steps']} steps: {target:.3f} (mean of {len(dense)} seed(s)). "
-           "Steps for each Switch model to reach it (held-out loss interpolated between evaluations):", "",
+  epoch = None if args.quick else common.steps_per_epoch(base, args.work_dir)
+  lines = [f"Dense held-out loss at step {target_step} of {base['steps']}: {target:.3f} (mean of {len(dense)} "
+           "seed(s)). Steps for each Switch model to reach it (held-out loss interpolated between evaluations)"
+           + ("." if epoch is None else f"; one pass over the training text is {epoch:,.0f} steps."), "",
            "| model | steps to dense loss | speed-up in steps | step time vs dense | speed-up in time |", "|---|---|---|---|---|"]
   for row in rows:
     steps = ", ".join("not reached" if s is None else f"{s:.0f}" for s in row["steps_to_dense_loss"])
@@ -51,8 +57,9 @@ def main(argv=None) -> dict:
     lines.append(f"| {expert_count.label(row['experts'])} | {steps} | {speed} | {row['step_time_ratio']:.2f}x | "
                  f"{time_speed} |")
   name = common.result_name("sparse_vs_dense", args)
-  common.plot(Path(args.out) / f"{name}.png", curves, "Held-out loss: Switch vs its FLOP-matched dense twin")
-  common.write(name, args.out, {"setting": base, "dense_target": target, "rows": rows},
+  common.plot(Path(args.out) / f"{name}.png", curves, "Held-out loss: Switch vs its FLOP-matched dense twin",
+              epoch_steps=epoch)
+  common.write(name, args.out, {"setting": base, "dense_target": target, "target_step": target_step, "rows": rows},
                "\n".join(lines), common.command_line())
   return {"rows": rows, "target": target}
 

@@ -17,15 +17,22 @@ def work(tmp_path_factory):
   return tmp_path_factory.mktemp("experiments")
 
 
-@pytest.mark.parametrize("script,name", [(expert_count, "expert_count"), (capacity_factor, "capacity_factor"),
-                                         (sparse_vs_dense, "sparse_vs_dense"), (init_scale, "init_scale")])
-def test_script_quick_mode(script, name, work):
+@pytest.mark.parametrize("script,name,extra", [
+    (expert_count, "expert_count", ["--wide", "2", "--at_steps", "2"]), (capacity_factor, "capacity_factor", []),
+    (sparse_vs_dense, "sparse_vs_dense", ["--target_step", "2"]), (init_scale, "init_scale", [])])
+def test_script_quick_mode(script, name, extra, work):
   out = work / "results"
-  script.main(["--quick", "--out", str(out), "--work_dir", str(work / "runs")])
+  script.main(["--quick", "--out", str(out), "--work_dir", str(work / "runs"), *extra])
   payload = json.loads((out / f"{name}.json").read_text())
   assert payload["command"] and payload["rows"]
   assert (out / f"{name}.md").read_text().count("|") > 8
   assert (out / f"{name}.png").stat().st_size > 1000
+  if name == "expert_count":  # the widened dense control, and a column for the held-out loss at step 2
+    wide = [row for row in payload["rows"] if row["wide"] == 2]
+    assert len(wide) == 1 and wide[0]["total_params"] > payload["rows"][0]["total_params"]
+    assert "at step 2 |" in (out / f"{name}.md").read_text()
+  if name == "sparse_vs_dense":
+    assert payload["target_step"] == 2
 
 
 def test_readme_quotes_the_committed_results():
@@ -44,4 +51,15 @@ def test_variant_options_name_their_results_and_reach_every_run():
   assert common.result_name("expert_count", expert_count.parser().parse_args([])) == "expert_count"
   assert args.experts == (0, 8) and expert_count.parser().parse_args([]).experts == expert_count.EXPERTS
   assert "X.y=1" in common.setting(args)["extra"]
+  assert expert_count.overrides(0, wide=8, d_ff=512)[-1] == "ModelConfig.d_ff=4096"
+  assert expert_count.parser().parse_args(["--wide", "2,8"]).wide == (2, 8)
+
+
+def test_loss_at_interpolates_between_evaluations():
+  from experiments import common
+  curve = [(200, 5.0), (400, 4.0), (600, 3.5)]
+  assert common.loss_at(curve, 300) == 4.5 and common.loss_at(curve, 600) == 3.5
+  assert common.loss_at(curve, 800) is None
+  with pytest.raises(SystemExit, match="outside the runs' evaluations"):
+    common.mean_loss_at([{"eval_curve": curve}], 100)
 
