@@ -46,7 +46,9 @@ class DecodeResult(NamedTuple):
 
 def decoding_config(config: ModelConfig, moe_routing: str = "no_drop") -> ModelConfig:
   """The config decoding runs: no dropout, one routing-group partition (decoding runs unsharded) and, with
-  moe_routing="no_drop", capacity = group size (eval_capacity_factor 0, no fixed expert_capacity).
+  moe_routing="no_drop", capacity = group size (eval_capacity_factor 0, no fixed expert_capacity); tokens-choose
+  routers then dispatch "dropless", which gives the same outputs and computes only the routed tokens (the
+  encoder's whole input would otherwise fill E x its tokens in expert slots).
 
   MoeConfig itself is unchanged for training and evaluation; only this copy routes without dropping. Under
   semantics="transformers" a step's routing group is one token, so nothing is dropped either way.
@@ -54,6 +56,8 @@ def decoding_config(config: ModelConfig, moe_routing: str = "no_drop") -> ModelC
   moe = dataclasses.replace(config.moe, num_group_partitions=1)
   if moe_routing == "no_drop" and moe.semantics == "switch":
     moe = dataclasses.replace(moe, eval_capacity_factor=0.0, expert_capacity=None)
+    if moe.router == "tokens_choose":  # the same routing, computed for the routed tokens only (moe/layer.py)
+      moe = dataclasses.replace(moe, dispatch="dropless")
   elif moe_routing not in ("no_drop", "eval_capacity"):
     raise ValueError(f"moe_routing={moe_routing!r}: choose 'no_drop' or 'eval_capacity'.")
   return config.replace(moe=moe, dropout_rate=0.0)

@@ -24,7 +24,10 @@ def _params(config):
   return jax.tree_util.tree_map(jnp.asarray, random_params(config))
 
 
-def _encoder_tokens(batch=3, length=7, seed=0):
+def _encoder_tokens(batch=3, length=11, seed=0):
+  """[batch, length] ids with row 1 padded. With 3+ rows of 11 the encoder's sparse layer has >= 8 tokens per
+  expert, so no-drop decoding runs its dropless blocks (moe/layer.py); a single row runs the slot fallback,
+  which test_no_drop_row_decodes_the_same_alone_and_in_a_batch compares it with."""
   tokens = np.random.RandomState(seed).randint(2, 64, (batch, length)).astype(np.int32)
   tokens[1, 5:] = 0                                                          # a padded row
   return jnp.asarray(tokens)
@@ -66,6 +69,7 @@ def greedy():
 def test_cached_greedy_equals_full_recompute(greedy, name):
   config, params, enc, result = greedy[name]
   # The same routing as decoding (no-drop for the sparse model: its eval capacity factor 0.5 would bind).
+  assert decoding_config(config).moe.dispatch == "dropless" and config.moe.dispatch != "dropless"
   tokens, logits = _recompute_greedy(decoding_config(config), params, enc, LENGTH)
   np.testing.assert_array_equal(np.asarray(result.tokens), tokens)
   np.testing.assert_allclose(np.asarray(result.logits), logits, atol=2e-5, rtol=1e-5)

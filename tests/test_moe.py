@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from moe_oracle import oracle_moe
 from switchx.config import ModelConfig, MoeConfig
-from switchx.moe.layer import MoeLayer, expert_matmul, group_shape, router_stats
+from switchx.moe.layer import MoeLayer, dropless_block_size, expert_matmul, group_shape, router_stats
 from switchx.moe.routing import experts_choose, tokens_choose
 
 D_MODEL, D_FF = 8, 16
@@ -207,6 +207,68 @@ def test_einsum_and_index_paths_agree_on_outputs_and_gradients(num_experts, k, l
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+# --- dropless dispatch: every routed token, sorted by expert into blocks ---------------------------------------
+def test_dropless_block_size_follows_the_mean_load():
+  assert dropless_block_size(1024, 8) == 128          # mean 128 tokens per expert
+  assert dropless_block_size(4096, 8) == 128          # capped: expert_matmul's fixed layouts
+  assert dropless_block_size(1000, 8) == 64           # largest power of two <= 125
+  assert dropless_block_size(64, 8) == 8
+  assert dropless_block_size(63, 8) == 0              # under 8 per expert: a slot per token of the group
+
+
+@pytest.mark.parametrize("case", [
+    dict(top_k=1, activation="relu", length=16, skew=0.0, block=16),       # 64 choices, 4 experts: 16 each
+    dict(top_k=2, activation="gated-gelu", length=16, skew=0.0, block=32),
+    dict(top_k=1, activation="relu", length=16, skew=3.0, block=16),       # most tokens on one expert
+    dict(top_k=1, activation="relu", length=6, skew=0.0, block=0),         # 6 per expert: a slot per token
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case):
+  """dropless == the naive oracle at capacity factor 0 (nothing dropped), and == the einsum path with a
+  capacity that holds a whole group, for outputs and for gradients of every parameter and of the input."""
+  k, activation, length = case["top_k"], case["activation"], case["length"]
+  x, mask = random_inputs(7, batch=4, length=length)
+  x = x.at[..., 0].add(case["skew"])                                 # a biased input skews the routing
+  configs = {d: layer_config(activation, num_experts=4, top_k=k, group_size=2 * length, dispatch=d,
+                             train_capacity_factor=0.0, eval_capacity_factor=0.0) for d in ("einsum", "dropless")}
+  params = init_layer(configs["dropless"], x)
+  params["router"] = params["router"].at[0].add(case["skew"])
+
+  def loss(config, params, x):
+    y, aux, _ = run_layer(config, params, x, mask)
+    return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"] + aux["router_z_loss"], (y, aux)
+
+  results = {d: jax.value_and_grad(functools.partial(loss, c), argnums=(0, 1), has_aux=True)(params, x)
+             for d, c in configs.items()}
+  (_, (y, aux)), grads = results["dropless"]
+  (_, (y_ref, _)), grads_ref = results["einsum"]
+  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  expected, kept = oracle_moe(np.asarray(x, np.float64).reshape(-1, D_MODEL), np.asarray(mask).reshape(-1),
+                              {"router": p64["router"], **p64["experts"]}, activation=activation, num_groups=2,
+                              k=k, cf=0.0)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), expected, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-6)
+  assert float(aux["dropped_fraction"]) == 0.0 and kept[np.asarray(mask).reshape(-1)].all()
+  assert (np.asarray(y).reshape(-1, D_MODEL)[~np.asarray(mask).reshape(-1)] == 0).all()   # padding: exactly 0
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  if case["skew"]:
+    usage = np.asarray(aux["expert_usage"])
+    assert usage.max() > 0.6, usage     # the case really is lopsided
+  expert_inputs = run_layer(configs["dropless"], params, x, mask)[2]["expert_inputs"][0]
+  if case["block"]:                     # [N, 1, b, D]: the blocks, N = (T*K + E*(b-1)) // b
+    assert expert_inputs.shape == ((4 * length * k + 4 * (case["block"] - 1)) // case["block"], 1, case["block"],
+                                   D_MODEL)
+  else:                                 # [E, G, S, D]: every expert has a slot for each token of its group
+    assert expert_inputs.shape == (4, 2, 2 * length, D_MODEL)
+
+
+def test_dropless_config_errors():
+  with pytest.raises(ValueError, match="dropless"):
+    MoeConfig(dispatch="dropless", router="experts_choose")
+  with pytest.raises(ValueError, match="dropless"):
+    MoeConfig(dispatch="dropless", semantics="transformers", expert_capacity=4)
+
+
 # --- the expert matmul's hand-written backward -----------------------------------------------------------
 @pytest.mark.parametrize("tokens", [1, 3, 16, 200])   # 200: above FIXED_LAYOUT_MAX_TOKENS, the plain einsum
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -284,10 +346,10 @@ def test_layer_losses_from_raw_logits_and_model_sum():
   assert float(aux["expert_usage"].sum()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "index"])
+@pytest.mark.parametrize("dispatch", ["einsum", "index", "dropless"])
 def test_bfloat16_model_routes_in_float32_and_differentiates(dispatch):
   config = layer_config(dtype="bfloat16", dispatch=dispatch)
-  x, mask = random_inputs(4, batch=2, length=8)
+  x, mask = random_inputs(4, batch=4, length=16)   # 64 tokens, 4 experts: dropless runs in blocks
   params = init_layer(config, x)
   y, aux, inter = run_layer(config, params, x.astype(jnp.bfloat16), mask)
   assert inter["router_logits"][0].dtype == jnp.float32

@@ -5,10 +5,13 @@ C capacity (slots per expert per group), K experts per token, D d_model, F exper
 
     x [B, L, D] -> tokens [G, S, D]
     router logits [G, S, E] in float32 (jitter only on the float32 copy used for routing)
-    decision (moe/routing.py) -> either
-      einsum: dispatch [G, S, E, C], combine [G, S, E, C];  expert inputs = einsum('gsec,gsd->egcd')
-      index:  slot_token [G, E, C], slot_gate [G, E, C];    expert inputs = gather, outputs = scatter-add
-    experts: [E, G, C, D] -> [E, G, C, D]  (weights [E, D, F], [E, F, D])
+    decision (moe/routing.py) -> one of
+      einsum:   dispatch [G, S, E, C], combine [G, S, E, C];  expert inputs = einsum('gsec,gsd->egcd')
+      index:    slot_token [G, E, C], slot_gate [G, E, C];    expert inputs = gather, outputs = scatter-add
+      dropless: slot_token [N, b], slot_gate [N, b], block_expert [N]: every routed token, sorted by expert
+                into N blocks of b (no capacity, nothing dropped); gather, scatter-add as the index path
+    experts: [E, G, C, D] -> [E, G, C, D]  (weights [E, D, F], [E, F, D]); dropless: [N, 1, b, D], each
+             block through its expert's weights (gathered: [N, D, F])
     y [G, S, D] -> [B, L, D]; a token with no expert slot gets exactly zero (the residual carries it).
 
 MoeConfig.semantics="transformers" reproduces transformers' SwitchTransformers: G = B and S = L (one group per
@@ -50,6 +53,21 @@ def group_shape(num_tokens: int, max_group_size: int, num_partitions: int = 1) -
 
 # Up to this many tokens per expert (G * C), expert_matmul fixes its dots' layouts; above it, plain autodiff.
 FIXED_LAYOUT_MAX_TOKENS = 128
+
+
+def dropless_block_size(num_choices: int, num_experts: int) -> int:
+  """Block size b of the dropless layout: the largest power of two <= the mean tokens per expert, at most
+  FIXED_LAYOUT_MAX_TOKENS; 0 when that mean is under 8 tokens (e.g. one decoding step). There, gathering a
+  weight matrix per block moves more bytes than it saves, and the layer gives every expert a slot for each
+  token of its group instead (capacity = group size), which drops nothing either.
+
+  With b near the mean load, the blocks hold at most T*K + E*(b-1) < 2*T*K token slots, against E*T for
+  a capacity that can hold a whole group.
+  """
+  mean_load = num_choices // num_experts
+  if mean_load < 8:
+    return 0
+  return min(1 << (mean_load.bit_length() - 1), FIXED_LAYOUT_MAX_TOKENS)
 
 
 def expert_matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -104,26 +122,30 @@ class Experts(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    num_experts, num_groups, capacity, d_model = x.shape
+  def __call__(self, x: jax.Array, deterministic: bool, block_expert: jax.Array | None = None) -> jax.Array:
+    """x [E, G, C, D] -> [E, G, C, D]; with block_expert [N] (dropless), x [N, 1, b, D] -> [N, 1, b, D]:
+    block n goes through expert block_expert[n]."""
+    rows, num_groups, capacity, d_model = x.shape
     act, gated = activation_fn(self.activation)
     init = t5_kernel_init(self.init_scale, num_in=1, num_out=1, num_batch=1)  # fan_in per expert
 
     def kernel(name, shape, axes):
-      return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+      w = self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+      return w if block_expert is None else jnp.take(w, block_expert, axis=0)  # [N, ...]: one per block
 
-    wi_shape, wi_axes = (num_experts, d_model, self.d_ff), ("expert", "embed", "expert_mlp")
-    x = x.reshape(num_experts, num_groups * capacity, d_model)                 # [E, G*C, D]
+    wi_shape, wi_axes = (self.num_experts, d_model, self.d_ff), ("expert", "embed", "expert_mlp")
+    x = x.reshape(rows, num_groups * capacity, d_model)                        # [E, G*C, D]
     if gated:
       h = act(expert_matmul(x, kernel("wi_0", wi_shape, wi_axes), self.dtype))
       h = h * expert_matmul(x, kernel("wi_1", wi_shape, wi_axes), self.dtype)
     else:
       h = act(expert_matmul(x, kernel("wi", wi_shape, wi_axes), self.dtype))         # [E, G*C, F]
-    h = nn.with_logical_constraint(h, ("expert", "unmodeled", "expert_mlp"))
+    if block_expert is None:
+      h = nn.with_logical_constraint(h, ("expert", "unmodeled", "expert_mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)          # expert dropout
-    wo = kernel("wo", (num_experts, self.d_ff, d_model), ("expert", "expert_mlp", "embed"))
+    wo = kernel("wo", (self.num_experts, self.d_ff, d_model), ("expert", "expert_mlp", "embed"))
     out = expert_matmul(h, wo, self.dtype)                                     # [E, G*C, D]
-    return out.reshape(num_experts, num_groups, capacity, d_model)
+    return out.reshape(rows, num_groups, capacity, d_model)
 
 
 class MoeLayer(nn.Module):
@@ -143,6 +165,10 @@ class MoeLayer(nn.Module):
     else:
       num_groups, group_size = group_shape(batch * length, moe.group_size, moe.num_group_partitions)
     num_experts, capacity = moe.num_experts, moe.capacity(group_size, train=train)
+    block = 0
+    if moe.dispatch == "dropless":  # nothing is dropped: sorted blocks, or a slot per token where they don't pay
+      capacity = group_size
+      block = dropless_block_size(num_groups * group_size * moe.top_k, num_experts)
 
     tokens = x.reshape(num_groups, group_size, d_model)                        # [G, S, D]
     tokens = nn.with_logical_constraint(tokens, ("batch", "unmodeled", "embed"))
@@ -170,7 +196,12 @@ class MoeLayer(nn.Module):
           batch_prioritized=moe.batch_prioritized, rng=self.make_rng("routing") if random_second else None)
 
     # 2. Dispatch: move each token into its expert's buffer.
-    if moe.dispatch == "einsum":
+    block_expert = None
+    if block:
+      slot_token, slot_gate, block_expert = decision.blocks(num_experts, block)  # [N, b], [N, b], [N]
+      flat = jnp.pad(tokens.reshape(-1, d_model), ((0, 1), (0, 0)))           # [G*S+1, D]; last row: empty
+      expert_in = flat[slot_token][:, None]                                    # [N, 1, b, D]
+    elif moe.dispatch == "einsum":
       dispatch, combine = decision.dense(num_experts, capacity)               # [G, S, E, C] each
       # Group-major dots, transposed outside: XLA's CPU backend rejects bf16 x bf16 -> f32 dots whose batch
       # dimension is not leading, and autodiff of an 'egcd' output produces exactly those.
@@ -181,16 +212,22 @@ class MoeLayer(nn.Module):
       expert_in = jax.vmap(lambda rows, idx: rows[idx])(padded, slot_token)  # [G, E, C, D]
       expert_in = jnp.swapaxes(expert_in, 0, 1)                              # [E, G, C, D]
     # Experts sharded over 'expert', groups over 'data': XLA inserts an all-to-all over the expert axis here.
-    expert_in = nn.with_logical_constraint(expert_in, ("expert", "expert_group", "unmodeled", "embed"))
+    if not block:
+      expert_in = nn.with_logical_constraint(expert_in, ("expert", "expert_group", "unmodeled", "embed"))
     self.sow("intermediates", "expert_inputs", expert_in)
 
     # 3. Experts.
     expert_out = Experts(num_experts, cfg.expert_d_ff, cfg.activation, cfg.expert_dropout_rate,
-                         cfg.init_scale, dtype, name="experts")(expert_in, deterministic=not train)
-    expert_out = nn.with_logical_constraint(expert_out, ("expert", "expert_group", "unmodeled", "embed"))
+                         cfg.init_scale, dtype, name="experts")(expert_in, not train, block_expert)
+    if not block:
+      expert_out = nn.with_logical_constraint(expert_out, ("expert", "expert_group", "unmodeled", "embed"))
 
     # 4. Combine: weight each expert output by its gate and return it to its token (all-to-all back).
-    if moe.dispatch == "einsum":
+    if block:
+      weighted = expert_out[:, 0].astype(jnp.float32) * slot_gate[..., None]  # [N, b, D]
+      y = jnp.zeros((num_groups * group_size + 1, d_model), jnp.float32).at[slot_token].add(weighted)
+      y = y[:-1].reshape(num_groups, group_size, d_model).astype(dtype)        # [G, S, D]
+    elif moe.dispatch == "einsum":
       y = matmul("gsec,gecd->gsd", combine, jnp.swapaxes(expert_out, 0, 1), dtype)  # [G, S, D]
     else:
       weighted = jnp.swapaxes(expert_out, 0, 1).astype(jnp.float32) * slot_gate[..., None]  # [G, E, C, D]

@@ -3,10 +3,13 @@
 Legend (shared with moe/layer.py):
   G groups, S tokens per group, E experts, C capacity (slots per expert per group), K experts per token.
 
-Two decision types, each convertible to both dispatch forms used by the layer:
+Two decision types, each convertible to the dispatch forms used by the layer:
   * `dense()`  -> dispatch mask [G, S, E, C] (bool) and combine weights [G, S, E, C]   (einsum path)
   * `slots()`  -> slot_token [G, E, C] (int, S = empty slot) and slot_gate [G, E, C]   (index path)
-so the two dispatch paths share the routing decisions and differ only in how tokens move.
+  * `blocks()` -> slot_token [N, b] (int into the G*S tokens, G*S = empty), slot_gate [N, b] and
+                  block_expert [N]: the routed tokens sorted by expert in blocks of b   (dropless path;
+                  tokens-choose only)
+so the dispatch paths share the routing decisions and differ only in how tokens move.
 """
 
 from __future__ import annotations
@@ -46,6 +49,38 @@ class TokenChoice:
     slot_gate = jnp.zeros((num_groups, num_experts + 1, capacity), jnp.float32)
     slot_gate = slot_gate.at[g, e, c].set(self.gate)[:, :num_experts]                    # [G, E, C]
     return slot_token, slot_gate
+
+  def blocks(self, num_experts: int, block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Every routed choice (capacity ignored: nothing is dropped), sorted by expert into blocks of
+    `block_size` slots, each block holding one expert's tokens (its last block padded with empty slots).
+
+    Returns slot_token [N, b] (index into the G*S tokens of all groups, G*S = empty), slot_gate [N, b] and
+    block_expert [N]. N is static: sum_e ceil(n_e / b) <= (T*K + E*(b-1)) / b for any loads n_e summing to
+    T*K, so the computation costs at most T*K + E*(b-1) token slots however the router splits the tokens
+    (fixed-capacity dispatch without drops needs E*T). Unused blocks hold only empty slots.
+    """
+    num_groups, group_size, k = self.expert_index.shape
+    b, num_choices = block_size, num_groups * group_size * k
+    num_blocks = (num_choices + num_experts * (b - 1)) // b
+    expert = jnp.where(self.routed, self.expert_index, num_experts).reshape(-1)            # [T*K], E: unrouted
+    order = jnp.argsort(expert, stable=True)                                              # choices by expert
+    load = jnp.zeros(num_experts + 1, jnp.int32).at[expert].add(1)[:num_experts]          # [E] n_e
+    blocks = -(-load // b)                                                                 # [E]
+    block_end = jnp.cumsum(blocks)                                                         # [E]
+    first_slot = (block_end - blocks) * b                                                  # [E]
+    first_choice = jnp.cumsum(load) - load                                                 # [E] in `order`
+    sorted_expert = expert[order]                                                          # [T*K]
+    safe = jnp.minimum(sorted_expert, num_experts - 1)
+    slot = first_slot[safe] + jnp.arange(num_choices) - first_choice[safe]                 # [T*K]
+    slot = jnp.where(sorted_expert < num_experts, slot, num_blocks * b)                   # unrouted: nowhere
+    slot_choice = jnp.full(num_blocks * b, num_choices, jnp.int32).at[slot].set(
+        order.astype(jnp.int32), mode="drop")                                              # [N*b]
+    filled = slot_choice < num_choices
+    slot_token = jnp.where(filled, slot_choice // k, num_groups * group_size)              # [N*b]
+    slot_gate = jnp.where(filled, self.gate.reshape(-1)[jnp.minimum(slot_choice, num_choices - 1)], 0.0)
+    block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"),
+                               num_experts - 1).astype(jnp.int32)                          # [N]
+    return slot_token.reshape(num_blocks, b), slot_gate.reshape(num_blocks, b), block_expert
 
 
 @flax.struct.dataclass

@@ -16,6 +16,7 @@ import numpy as np
 
 from switchx.config import ModelConfig, TrainConfig
 from switchx.models.encoder_decoder import EncoderDecoder
+from switchx.moe.layer import dropless_block_size
 from switchx.parallel.partitioning import Partitioner, abstract_mesh
 from switchx.train import optim, step as step_lib
 
@@ -35,7 +36,8 @@ def activation_estimate(config: ModelConfig, train: TrainConfig, mesh_shape: dic
   Per token and layer: ~8 d_model-sized tensors (inputs, norms, q/k/v/out projections, residuals), the FFN
   hidden units (2x for gated activations) split over 'model', and attention probabilities (heads split over
   'model'); sparse layers add the dispatch and combine tensors [G, S, E, C] (the einsum path's O(S * E * C)
-  cost) and the experts' hidden units for the k * capacity-factor slots of each token. Logits [B, L, V] once.
+  cost) and the experts' hidden units for the k * capacity-factor slots of each token (dropless: for the
+  slots of its blocks, plus the weights gathered for each block). Logits [B, L, V] once.
   """
   model_ways = mesh_shape["model"]
   batch_ways = mesh_shape["data"] * mesh_shape["expert"]
@@ -44,12 +46,20 @@ def activation_estimate(config: ModelConfig, train: TrainConfig, mesh_shape: dic
   hidden = 2 if config.activation.startswith("gated-") else 1
   moe = config.moe
   group = min(moe.group_size, max(rows, 1) * train.inputs_length)
-  capacity = moe.capacity(group, train=True)
+  capacity = group if moe.dispatch == "dropless" else moe.capacity(group, train=True)  # dropless: see below
 
   def layer(tokens, keys, sparse):
     """keys: attention keys per query (encoder: Le; decoder: Ld self + Le cross)."""
     per_token = 8 * config.d_model + config.num_heads // model_ways * keys
-    if sparse:
+    block = dropless_block_size(tokens * moe.top_k, moe.num_experts) if moe.dispatch == "dropless" else 0
+    if sparse and block:  # the routed tokens in N blocks of b, each with its expert's weights gathered
+      blocks = (tokens * moe.top_k + moe.num_experts * (block - 1)) // block
+      gathered = blocks * config.d_model * config.expert_d_ff * (hidden + 1) * 4 / act_bytes  # float32 weights
+      per_token += blocks * block / max(tokens, 1) * (config.expert_d_ff * hidden // model_ways + config.d_model)
+      per_token += gathered / max(tokens, 1)
+    elif sparse and moe.dispatch == "dropless":  # few tokens per expert: a slot for each token of the group
+      per_token += moe.num_experts * (config.expert_d_ff * hidden // model_ways + config.d_model)
+    elif sparse:
       dispatch = 2 * moe.num_experts * capacity * 4          # bool mask + float32 combine weights
       slots = capacity * moe.num_experts / max(group, 1)    # expert slots per token (~ k * capacity factor)
       per_token += dispatch + slots * (config.expert_d_ff * hidden // model_ways + config.d_model)

@@ -99,6 +99,11 @@ def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partition
   moe = dataclasses.replace(config.moe, num_group_partitions=partitioner.num_batch_partitions)
   config = config.replace(moe=moe)
   partitioner.check_batch(train_config.batch_size)
+  expert_ways = dict(partitioner.mesh.shape).get("expert", 1)
+  if config.is_sparse and moe.dispatch == "dropless" and expert_ways > 1:
+    raise ValueError(f"MoeConfig.dispatch='dropless' gathers each block's expert weights, which the mesh splits "
+                     f"over 'expert' ({expert_ways} ways): every step would all-gather them. Use dispatch='einsum' or "
+                     "'index' with expert parallelism, or a mesh with expert=1.")
   model = EncoderDecoder(config)
   optimizer, schedule = optimizer or optim.make_optimizer(train_config)
   # Shapes only: a batch-1 example would violate the batch split, so trace with the real batch shape.

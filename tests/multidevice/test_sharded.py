@@ -119,6 +119,8 @@ def test_expert_parallel_step_moves_tokens_with_all_to_all(mesh_shape):
 
 @pytest.mark.parametrize("make,expected", [
     (lambda: build((1, 8, 1), switch_config(moe=MoeConfig(num_experts=6, group_size=8))), "experts"),
+    (lambda: build((1, 8, 1), switch_config(moe=MoeConfig(num_experts=8, group_size=8, dispatch="dropless"))),
+     "dropless"),
     (lambda: build((1, 1, 8), switch_config(num_heads=4)), "heads"),
     (lambda: build((2, 2, 2), train=TrainConfig(batch_size=6)), "batch_size"),
     (lambda: make_mesh(MeshConfig(2, 2, 3)), "product"),
