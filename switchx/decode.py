@@ -86,6 +86,15 @@ def _start(model: EncoderDecoder, params, encoder_tokens: jax.Array, max_length:
   return variables["cache"], step
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first maximum; the first NaN if any), as int32, in two plain reductions:
+  XLA's CPU backend runs argmax's (value, index) reduction unvectorised, ~0.5 ms per step over a 32k vocabulary
+  at batch 8."""
+  best = jnp.max(logits, axis=-1, keepdims=True)                                 # NaN if any is NaN
+  hits = (logits == best) | jnp.isnan(logits)
+  return jnp.min(jnp.where(hits, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
+
+
 def _filtered_sample(rng, logits, temperature, top_k, top_p):
   """A token per row [B] from logits [B, V]: among the top_k most likely (0: all), the smallest set of mass
   >= top_p (1: all), at the temperature; temperature 0 takes the most likely token (no randomness). All three
@@ -96,7 +105,7 @@ def _filtered_sample(rng, logits, temperature, top_k, top_p):
   limited = (top_k > 0) & (jnp.arange(vocab) >= top_k)                           # [V]: beyond the top k
   kth_best = jnp.take(ordered, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]  # [B, 1]
   logits = jnp.where((top_k > 0) & (logits < kth_best), -jnp.inf, logits)
-  most_likely = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  most_likely = argmax(logits)
   deterministic = temperature <= 0
   temperature = jnp.maximum(temperature, 1e-6)
   ordered = jnp.where(limited, -jnp.inf, ordered) / temperature
@@ -128,7 +137,7 @@ def _sample_loop(params, encoder_tokens, rng, temperature, top_k, top_p, *, mode
     i = s["i"]
     logits, cache = step(s["cache"], s["last"])                                  # [B, V]
     if greedy:
-      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      token = argmax(logits)
     else:
       token = _filtered_sample(jax.random.fold_in(rng, i), logits, temperature, top_k, top_p)
     token = jnp.where(s["done"], 0, token)                                       # [B]

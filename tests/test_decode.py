@@ -172,3 +172,12 @@ def test_bad_inputs_fail_before_compiling(greedy):
     generate(config, params, enc.at[0, 0].set(64), DecodeConfig())
   with pytest.raises(ValueError, match="batch, length"):
     generate(config, params, enc[0], DecodeConfig())
+
+
+def test_argmax_equals_jnp_argmax_with_ties_infinities_and_nan():
+  from switchx.decode import argmax
+  rng = np.random.RandomState(0)
+  for _ in range(50):
+    x = rng.randint(0, 4, (3, 9)).astype(np.float32)                         # many ties
+    x[rng.randint(3), rng.randint(9)] = rng.choice([np.nan, -np.inf, np.inf])
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), -1)))
