@@ -24,8 +24,17 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_l
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   ce = (log_z - target_logit) * weights
   z = z_loss_coef * jnp.square(log_z) * weights
-  correct = (jnp.argmax(logits, -1) == targets) * weights
+  correct = (argmax(logits) == targets) * weights
   return ce.sum(), z.sum(), correct.sum()
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first maximum; the first NaN if any), as int32, in two plain reductions.
+  XLA's CPU backend runs argmax's (value, index) reduction unvectorised: over a 32k vocabulary that was 16 ms of
+  a 425 ms training step (the accuracy metric) and 0.5 ms of each decoding step."""
+  best = jnp.max(logits, axis=-1, keepdims=True)                                 # NaN if any is NaN
+  hits = (logits == best) | jnp.isnan(logits)
+  return jnp.min(jnp.where(hits, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
 
 
 def moe_losses(config: ModelConfig, moe_aux: dict) -> tuple[jax.Array, jax.Array]:

@@ -175,7 +175,7 @@ def test_bad_inputs_fail_before_compiling(greedy):
 
 
 def test_argmax_equals_jnp_argmax_with_ties_infinities_and_nan():
-  from switchx.decode import argmax
+  from switchx.losses import argmax
   rng = np.random.RandomState(0)
   for _ in range(50):
     x = rng.randint(0, 4, (3, 9)).astype(np.float32)                         # many ties
