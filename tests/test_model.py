@@ -1,6 +1,8 @@
 """The dense T5 v1.1 encoder-decoder (and its sparse variant): shapes, causality, packing, padding, relative
 position buckets, parameter counts against transformers, logical axes, config errors."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -128,6 +130,33 @@ def test_bfloat16_activations_keep_float32_params():
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   logits, _ = model.apply({"params": params}, _tokens((2, 12), 0), _tokens((2, 8), 1))
   assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("equation,shapes", [("bld,vd->blv", ((2, 3, 8), (11, 8))),      # tied logits
+                                             ("bd,dv->bv", ((4, 8), (8, 11)))])          # a dense layer
+def test_bfloat16_matmul_to_float32_differentiates_in_bfloat16(equation, shapes):
+  """matmul with bfloat16 operands and a float32 result (the logits): the value is the float32 product of the
+  rounded operands, and the gradients equal autodiff's up to the bfloat16 rounding of the cotangent, while both
+  backward products run on bfloat16 operands (XLA's CPU backend upcasts them to float32 under plain autodiff)."""
+  from switchx.nn.linear import matmul
+  rng = np.random.RandomState(0)
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes)
+  out_shape = jax.eval_shape(lambda a, b: jnp.einsum(equation, a, b), a, b).shape
+  weights = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  rounded = lambda v: v.astype(jnp.bfloat16).astype(jnp.float32)
+  ours = lambda a, b: matmul(equation, a, b, jnp.bfloat16, jnp.float32)
+  reference = lambda a, b: jnp.einsum(equation, rounded(a), rounded(b), precision="highest")
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)) * weights)
+  (v1, g1), (v2, g2) = (jax.value_and_grad(loss(f), argnums=(0, 1))(a, b) for f in (ours, reference))
+  assert ours(a, b).dtype == jnp.float32
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  for mine, theirs in zip(g1, g2):
+    assert mine.dtype == jnp.float32
+    np.testing.assert_allclose(mine, theirs, atol=2e-2 * float(jnp.abs(theirs).max()))
+  stablehlo = jax.jit(jax.grad(loss(ours), argnums=(0, 1))).lower(a, b).as_text()
+  operand_types = re.findall(r"stablehlo\.dot_general.*: \((tensor<[^>]*>), (tensor<[^>]*>)\)", stablehlo)
+  assert len(operand_types) == 3                                     # forward and two backward products
+  assert all("bf16" in lhs and "bf16" in rhs for lhs, rhs in operand_types), operand_types
 
 
 def test_init_scale_sets_kernel_std():
