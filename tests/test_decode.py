@@ -24,10 +24,7 @@ def _params(config):
   return jax.tree_util.tree_map(jnp.asarray, random_params(config))
 
 
-def _encoder_tokens(batch=3, length=11, seed=0):
-  """[batch, length] ids with row 1 padded. With 3+ rows of 11 the encoder's sparse layer has >= 8 tokens per
-  expert, so no-drop decoding runs its dropless blocks (moe/layer.py); a single row runs the slot fallback,
-  which test_no_drop_row_decodes_the_same_alone_and_in_a_batch compares it with."""
+def _encoder_tokens(batch=3, length=7, seed=0):
   tokens = np.random.RandomState(seed).randint(2, 64, (batch, length)).astype(np.int32)
   tokens[1, 5:] = 0                                                          # a padded row
   return jnp.asarray(tokens)
@@ -131,6 +128,22 @@ def test_no_drop_row_decodes_the_same_alone_and_in_a_batch(greedy):
     row = 1
     np.testing.assert_array_equal(np.asarray(got.tokens)[row], np.asarray(alone.tokens)[0])
     np.testing.assert_allclose(np.asarray(got.logits)[row], np.asarray(alone.logits)[0], atol=2e-5)
+
+
+def test_no_drop_dropless_blocks_decode_a_row_as_the_slot_layout_alone():
+  """With 4 rows of 64 encoder tokens the sparse encoder layer runs its dropless blocks (64 tokens per expert);
+  one row alone (16 per expert) gives every expert a slot per token instead: the same routing, so the row
+  decodes to the same tokens and logits."""
+  from switchx.moe.layer import dropless_block_size
+  config = CONFIGS["sparse"]
+  params = _params(config)
+  enc = _encoder_tokens(batch=4, length=64, seed=11)
+  assert dropless_block_size(4 * 64, 1, 4) > 0 and dropless_block_size(64, 1, 4) == 0
+  settings = DecodeConfig(max_decode_length=LENGTH)
+  in_batch = generate(config, params, enc, settings, return_logits=True)
+  alone = generate(config, params, enc[2:3], settings, return_logits=True)
+  np.testing.assert_array_equal(np.asarray(in_batch.tokens)[2], np.asarray(alone.tokens)[0])
+  np.testing.assert_allclose(np.asarray(in_batch.logits)[2], np.asarray(alone.logits)[0], atol=2e-5)
 
 
 def test_beam_scores_match_teacher_forced_rescoring(greedy):

@@ -208,27 +208,50 @@ def test_einsum_and_index_paths_agree_on_outputs_and_gradients(num_experts, k, l
 
 
 # --- dropless dispatch: every routed token, sorted by expert into blocks ---------------------------------------
-def test_dropless_block_size_follows_the_mean_load():
-  assert dropless_block_size(1024, 8) == 128          # mean 128 tokens per expert
-  assert dropless_block_size(4096, 8) == 128          # capped: expert_matmul's fixed layouts
-  assert dropless_block_size(1000, 8) == 64           # largest power of two <= 125
-  assert dropless_block_size(64, 8) == 8
-  assert dropless_block_size(63, 8) == 0              # under 8 per expert: a slot per token of the group
+def test_dropless_block_size_follows_the_mean_load_where_blocks_pay():
+  assert dropless_block_size(1024, 1, 8) == 128      # an encoder pass: 128 tokens per expert
+  assert dropless_block_size(4096, 1, 8) == 128      # capped: expert_matmul's fixed layouts
+  assert dropless_block_size(1000, 1, 8) == 64       # largest power of two <= 125
+  assert dropless_block_size(1024, 1, 512) == 2      # many experts: E*T slots would be 512x the tokens
+  assert dropless_block_size(8, 1, 8) == 0           # a decoding step: a slot per token reads each expert once
+  assert dropless_block_size(64, 2, 8) == 0
+
+
+@settings(max_examples=25)
+@given(routing_problems(), st.sampled_from([1, 2, 4, 8]))
+def test_dropless_blocks_hold_every_routed_choice_once_each_block_one_expert(p, block):
+  probs, mask, k = jnp.asarray(p["probs"]), jnp.asarray(p["mask"]), p["k"]
+  groups, size, num_experts = probs.shape
+  d = tokens_choose(probs, mask, k=k, capacity=size)
+  slot_token, slot_gate, block_expert = map(np.asarray, d.blocks(num_experts, block))
+  num_tokens = groups * size
+  assert slot_token.shape == ((num_tokens * k + num_experts * (block - 1)) // block, block)
+  assert (np.diff(block_expert) >= 0).all()                                  # sorted by expert
+  served = {}
+  for n, j in zip(*np.nonzero(slot_token < num_tokens)):
+    key = (int(slot_token[n, j]), int(block_expert[n]))                       # (token, the block's expert)
+    assert key not in served, "a choice placed twice"
+    served[key] = float(slot_gate[n, j])
+  assert (slot_gate[slot_token == num_tokens] == 0).all()                     # empty slots carry nothing
+  expert, routed, gate = (np.asarray(a).reshape(num_tokens, k) for a in (d.expert_index, d.routed, d.gate))
+  expected = {(t, int(expert[t, r])): float(gate[t, r]) for t in range(num_tokens) for r in range(k)
+              if routed[t, r]}
+  assert served == expected
 
 
 @pytest.mark.parametrize("case", [
-    dict(top_k=1, activation="relu", length=16, skew=0.0, block=16),       # 64 choices, 4 experts: 16 each
-    dict(top_k=2, activation="gated-gelu", length=16, skew=0.0, block=32),
-    dict(top_k=1, activation="relu", length=16, skew=3.0, block=16),       # most tokens on one expert
-    dict(top_k=1, activation="relu", length=6, skew=0.0, block=0),         # 6 per expert: a slot per token
+    dict(top_k=1, experts=4, activation="relu", length=64, skew=0.0, block=64),     # 256 tokens, 64 per expert
+    dict(top_k=2, experts=8, activation="gated-gelu", length=64, skew=0.0, block=64),
+    dict(top_k=1, experts=4, activation="relu", length=64, skew=3.0, block=64),     # most tokens on one expert
+    dict(top_k=1, experts=4, activation="relu", length=6, skew=0.0, block=0),       # 6 per expert: slots
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case):
   """dropless == the naive oracle at capacity factor 0 (nothing dropped), and == the einsum path with a
   capacity that holds a whole group, for outputs and for gradients of every parameter and of the input."""
-  k, activation, length = case["top_k"], case["activation"], case["length"]
+  k, experts, activation, length = case["top_k"], case["experts"], case["activation"], case["length"]
   x, mask = random_inputs(7, batch=4, length=length)
   x = x.at[..., 0].add(case["skew"])                                 # a biased input skews the routing
-  configs = {d: layer_config(activation, num_experts=4, top_k=k, group_size=2 * length, dispatch=d,
+  configs = {d: layer_config(activation, num_experts=experts, top_k=k, group_size=2 * length, dispatch=d,
                              train_capacity_factor=0.0, eval_capacity_factor=0.0) for d in ("einsum", "dropless")}
   params = init_layer(configs["dropless"], x)
   params["router"] = params["router"].at[0].add(case["skew"])
@@ -255,11 +278,11 @@ def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case)
     usage = np.asarray(aux["expert_usage"])
     assert usage.max() > 0.6, usage     # the case really is lopsided
   expert_inputs = run_layer(configs["dropless"], params, x, mask)[2]["expert_inputs"][0]
-  if case["block"]:                     # [N, 1, b, D]: the blocks, N = (T*K + E*(b-1)) // b
-    assert expert_inputs.shape == ((4 * length * k + 4 * (case["block"] - 1)) // case["block"], 1, case["block"],
-                                   D_MODEL)
+  b, num_tokens = case["block"], 4 * length
+  if b:                                 # [N, 1, b, D]: the blocks, N = (T*K + E*(b-1)) // b
+    assert expert_inputs.shape == ((num_tokens * k + experts * (b - 1)) // b, 1, b, D_MODEL)
   else:                                 # [E, G, S, D]: every expert has a slot for each token of its group
-    assert expert_inputs.shape == (4, 2, 2 * length, D_MODEL)
+    assert expert_inputs.shape == (experts, 2, 2 * length, D_MODEL)
 
 
 def test_dropless_config_errors():
@@ -351,7 +374,7 @@ def test_layer_losses_from_raw_logits_and_model_sum():
 @pytest.mark.parametrize("dispatch", ["einsum", "index", "dropless"])
 def test_bfloat16_model_routes_in_float32_and_differentiates(dispatch):
   config = layer_config(dtype="bfloat16", dispatch=dispatch)
-  x, mask = random_inputs(4, batch=4, length=16)   # 64 tokens, 4 experts: dropless runs in blocks
+  x, mask = random_inputs(4, batch=4, length=64)   # 256 tokens, 4 experts: dropless runs in blocks
   params = init_layer(config, x)
   y, aux, inter = run_layer(config, params, x.astype(jnp.bfloat16), mask)
   assert inter["router_logits"][0].dtype == jnp.float32

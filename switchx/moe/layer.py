@@ -55,19 +55,31 @@ def group_shape(num_tokens: int, max_group_size: int, num_partitions: int = 1) -
 FIXED_LAYOUT_MAX_TOKENS = 128
 
 
-def dropless_block_size(num_choices: int, num_experts: int) -> int:
-  """Block size b of the dropless layout: the largest power of two <= the mean tokens per expert, at most
-  FIXED_LAYOUT_MAX_TOKENS; 0 when that mean is under 8 tokens (e.g. one decoding step). There, gathering a
-  weight matrix per block moves more bytes than it saves, and the layer gives every expert a slot for each
-  token of its group instead (capacity = group size), which drops nothing either.
+# Moving one expert weight matrix through memory, in units of one token through that matrix (2*D*F FLOPs):
+# 4*D*F bytes at ~10 FLOPs per byte (a CPU's compute / memory bandwidth balance).
+WEIGHT_PASS = 20
 
-  With b near the mean load, the blocks hold at most T*K + E*(b-1) < 2*T*K token slots, against E*T for
-  a capacity that can hold a whole group.
+
+def dropless_block_size(num_tokens: int, top_k: int, num_experts: int) -> int:
+  """Block size b of the dropless layout for `num_tokens` tokens with `top_k` choices each, or 0 to give every
+  expert a slot for each token of its group instead (which drops nothing either).
+
+  b is the largest power of two <= the mean load (choices per expert), at most FIXED_LAYOUT_MAX_TOKENS, so the
+  N blocks hold at most T*K + E*(b-1) < 2*T*K slots. Each block also gathers its expert's weights (read,
+  written, read again by the product), so blocks win when tokens are many per expert (an encoder pass: E=8,
+  1,024 tokens; or many experts) and lose when they are few (a decoding step: 8 tokens), where the E*T slots
+  read each expert's weights once. Costs in token-matrix units: blocks N*b + 3*WEIGHT_PASS*N, slots
+  E*T + WEIGHT_PASS*E.
   """
-  mean_load = num_choices // num_experts
-  if mean_load < 8:
+  choices = num_tokens * top_k
+  mean_load = choices // num_experts
+  if mean_load < 1:
     return 0
-  return min(1 << (mean_load.bit_length() - 1), FIXED_LAYOUT_MAX_TOKENS)
+  block = min(1 << (mean_load.bit_length() - 1), FIXED_LAYOUT_MAX_TOKENS)
+  num_blocks = (choices + num_experts * (block - 1)) // block
+  blocks_cost = num_blocks * block + 3 * WEIGHT_PASS * num_blocks
+  slots_cost = num_experts * num_tokens + WEIGHT_PASS * num_experts
+  return block if blocks_cost < slots_cost else 0
 
 
 def expert_matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -171,7 +183,7 @@ class MoeLayer(nn.Module):
     block = 0
     if moe.dispatch == "dropless":  # nothing is dropped: sorted blocks, or a slot per token where they don't pay
       capacity = group_size
-      block = dropless_block_size(num_groups * group_size * moe.top_k, num_experts)
+      block = dropless_block_size(num_groups * group_size, moe.top_k, num_experts)
 
     tokens = x.reshape(num_groups, group_size, d_model)                        # [G, S, D]
     tokens = nn.with_logical_constraint(tokens, ("batch", "unmodeled", "embed"))

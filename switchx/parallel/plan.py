@@ -51,7 +51,7 @@ def activation_estimate(config: ModelConfig, train: TrainConfig, mesh_shape: dic
   def layer(tokens, keys, sparse):
     """keys: attention keys per query (encoder: Le; decoder: Ld self + Le cross)."""
     per_token = 8 * config.d_model + config.num_heads // model_ways * keys
-    block = dropless_block_size(tokens * moe.top_k, moe.num_experts) if moe.dispatch == "dropless" else 0
+    block = dropless_block_size(tokens, moe.top_k, moe.num_experts) if moe.dispatch == "dropless" else 0
     if sparse and block:  # the routed tokens in N blocks of b, each with its expert's weights gathered
       blocks = (tokens * moe.top_k + moe.num_experts * (block - 1)) // block
       gathered = blocks * config.d_model * config.expert_d_ff * (hidden + 1) * 4 / act_bytes  # float32 weights
