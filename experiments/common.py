@@ -85,13 +85,16 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
               *base.get("extra", []), *overrides]
   key = hashlib.sha256(json.dumps([base["preset"], bindings]).encode()).hexdigest()[:16]
   cached = Path(work_dir) / "results" / f"{key}.json"
+  model_dir = Path(work_dir) / f"{name}-seed{seed}"
   if cached.exists():  # the same run made by another script (e.g. sparse_vs_dense reuses expert_count's runs)
     result = json.loads(cached.read_text())
+    if "router_confidence" not in result and (model_dir / "metrics.jsonl").exists():  # a run from before the field
+      result["router_confidence"] = router_confidence(model_dir / "metrics.jsonl")
+      cached.write_text(json.dumps(result))
     print(f"  {name} seed {seed}: held-out loss {result['final_eval_loss']:.4f} (cached)", flush=True)
     return result
   gin_config.parse([base["preset"], "runs/demo"], bindings)
   model, train_cfg = gin_config.model_config(), gin_config.train_config()
-  model_dir = Path(work_dir) / f"{name}-seed{seed}"
   shutil.rmtree(model_dir, ignore_errors=True)
   started = time.perf_counter()
   summary = train(model, train_cfg, gin_config.data_config(), model_dir=model_dir, show_progress=False,
@@ -109,13 +112,25 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
             base["batch_size"] * (base["inputs_length"] + base["targets_length"]) / summary["tokens_per_s"],
             "wall_s": time.perf_counter() - started,
             "flops_per_token": model_stats.flops_per_token(model, base["inputs_length"], base["targets_length"]),
-            **counts}
+            "router_confidence": router_confidence(model_dir / "metrics.jsonl"), **counts}
   print(f"  {name} seed {seed}: held-out loss {result['final_eval_loss']:.4f}  "
         f"({result['wall_s']:.0f}s, {result['tokens_per_s'] or 0:,.0f} tokens/s)", flush=True)
   cached.parent.mkdir(parents=True, exist_ok=True)
   cached.write_text(json.dumps(result))
   shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the bulky state
   return result
+
+
+def router_confidence(metrics_file: Path) -> dict[str, float]:
+  """{sparse layer: its router confidence (mean top-1 router probability over real tokens)} at the last logged
+  training step of a run; 1/E would be a router that has not specialised at all. Empty for a dense model."""
+  last = {}
+  for line in metrics_file.read_text().splitlines():
+    record = json.loads(line)
+    if any(k.endswith("/router_confidence") for k in record):
+      last = record
+  return {k.removeprefix("router/").removesuffix("/router_confidence"): v for k, v in last.items()
+          if k.endswith("/router_confidence") and not k.startswith("eval/")}
 
 
 def steps_per_epoch(base: dict, work_dir: str, seed: int = 0) -> float:

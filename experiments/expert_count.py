@@ -9,6 +9,7 @@ Every expert has the dense model's d_ff and each token goes to one expert, so FL
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from experiments import common
@@ -37,6 +38,18 @@ def run_name(experts: int, wide: int, d_ff: int) -> str:
   return f"dense-dff{wide * d_ff}" if experts == 0 and wide > 1 else label(experts)
 
 
+def router_cell(row: dict) -> str:
+  """Mean router confidence (top-1 router probability) of the encoder's and the decoder's sparse layers at the
+  end of training, averaged over seeds, and 1/E (a router that routes uniformly): "-" for dense rows."""
+  confidences = [r.get("router_confidence") for r in row["runs"]]
+  if row["experts"] == 0 or not all(confidences):
+    return "-"
+  stack = lambda prefix: [statistics.fmean(v for k, v in c.items() if k.startswith(prefix)) for c in confidences
+                          if any(k.startswith(prefix) for k in c)]
+  return " / ".join("-" if not v else f"{statistics.fmean(v):.2f}" for v in (stack("encoder"), stack("decoder"))) \
+      + f" (1/E = {1 / row['experts']:.3f})"
+
+
 def parser():
   p = common.parser(__doc__.splitlines()[0], experts=EXPERTS)
   p.add_argument("--wide", default=(), type=lambda s: tuple(int(w) for w in s.split(",")),
@@ -63,19 +76,22 @@ def main(argv=None) -> dict:
   for row in rows:  # the held-out loss at --at_steps, from each seed's curve
     row["eval_loss_at"] = {step: common.mean_loss_at(row["runs"], step) for step in args.at_steps}
   epoch = None if args.quick else common.steps_per_epoch(base, args.work_dir)
+  routers = any(router_cell(row) != "-" for row in rows)   # runs recorded before the field have none
   lines = [f"Held-out loss after {base['steps']} steps, mean ± half-range over {base['seeds']} seed(s)"
            + ("." if epoch is None else f"; one pass over the training text is {epoch:,.0f} steps "
               f"({base['steps'] / epoch:.1f} epochs in all)."), "",
            "| model | parameters | FLOPs / token | "
            + "".join(f"at step {step} | vs dense | " for step in args.at_steps)
-           + f"at step {base['steps']} | vs dense |",
-           "|---|---|---|" + "---|---|" * (len(args.at_steps) + 1)]
+           + f"at step {base['steps']} | vs dense |" + (" router confidence, enc / dec |" if routers else ""),
+           "|---|---|---|" + "---|---|" * (len(args.at_steps) + 1) + ("---|" if routers else "")]
   for row in rows:
     cells = [(row["eval_loss_at"][step], dense and dense["eval_loss_at"][step]) for step in args.at_steps]
     cells.append(((row["eval_loss_mean"], row["eval_loss_spread"]),
                   dense and (dense["eval_loss_mean"], dense["eval_loss_spread"])))
     text = "".join(f"{common.fmt(*ours)} | {'-' if ref is None else format(ours[0] - ref[0], '+.3f')} | "
                    for ours, ref in cells)
+    if routers:
+      text += f"{router_cell(row)} |"
     lines.append(f"| {label(row['experts'], row['wide'])} | {row['total_params'] / 1e6:.2f}M | "
                  f"{row['flops_per_token'] / 1e6:.2f}M | {text.rstrip()}")
   out = Path(args.out)

@@ -31,6 +31,9 @@ def test_script_quick_mode(script, name, extra, work):
     wide = [row for row in payload["rows"] if row["wide"] == 2]
     assert len(wide) == 1 and wide[0]["total_params"] > payload["rows"][0]["total_params"]
     assert "at step 2 |" in (out / f"{name}.md").read_text()
+    switch = next(row for row in payload["rows"] if row["experts"] == 2)
+    assert set(switch["runs"][0]["router_confidence"]) == {"encoder/layers_0", "decoder/layers_0"}
+    assert "router confidence, enc / dec |" in (out / f"{name}.md").read_text()
   if name == "sparse_vs_dense":
     assert payload["target_step"] == 2
 
