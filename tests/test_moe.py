@@ -244,6 +244,7 @@ def test_dropless_blocks_hold_every_routed_choice_once_each_block_one_expert(p, 
     dict(top_k=2, experts=8, activation="gated-gelu", length=64, skew=0.0, block=64),
     dict(top_k=1, experts=4, activation="relu", length=64, skew=3.0, block=64),     # most tokens on one expert
     dict(top_k=1, experts=4, activation="relu", length=6, skew=0.0, block=0),       # 6 per expert: slots
+    dict(top_k=1, experts=4, activation="relu", length=128, skew=0.0, block=64, parts=2),  # 2 batch shards
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case):
   """dropless == the naive oracle at capacity factor 0 (nothing dropped), and == the einsum path with a
@@ -251,8 +252,10 @@ def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case)
   k, experts, activation, length = case["top_k"], case["experts"], case["activation"], case["length"]
   x, mask = random_inputs(7, batch=4, length=length)
   x = x.at[..., 0].add(case["skew"])                                 # a biased input skews the routing
+  parts = case.get("parts", 1)                                      # each shard lays out its own blocks
   configs = {d: layer_config(activation, num_experts=experts, top_k=k, group_size=2 * length, dispatch=d,
-                             train_capacity_factor=0.0, eval_capacity_factor=0.0) for d in ("einsum", "dropless")}
+                             train_capacity_factor=0.0, eval_capacity_factor=0.0, num_group_partitions=parts)
+             for d in ("einsum", "dropless")}
   params = init_layer(configs["dropless"], x)
   params["router"] = params["router"].at[0].add(case["skew"])
 
@@ -278,9 +281,9 @@ def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case)
     usage = np.asarray(aux["expert_usage"])
     assert usage.max() > 0.6, usage     # the case really is lopsided
   expert_inputs = run_layer(configs["dropless"], params, x, mask)[2]["expert_inputs"][0]
-  b, num_tokens = case["block"], 4 * length
-  if b:                                 # [N, 1, b, D]: the blocks, N = (T*K + E*(b-1)) // b
-    assert expert_inputs.shape == ((num_tokens * k + experts * (b - 1)) // b, 1, b, D_MODEL)
+  b, num_tokens = case["block"], 4 * length // parts              # tokens per shard
+  if b:                                 # [P*N, 1, b, D]: the blocks, N = (T*K + E*(b-1)) // b per shard
+    assert expert_inputs.shape == (parts * ((num_tokens * k + experts * (b - 1)) // b), 1, b, D_MODEL)
   else:                                 # [E, G, S, D]: every expert has a slot for each token of its group
     assert expert_inputs.shape == (experts, 2, 2 * length, D_MODEL)
 

@@ -8,10 +8,11 @@ C capacity (slots per expert per group), K experts per token, D d_model, F exper
     decision (moe/routing.py) -> one of
       einsum:   dispatch [G, S, E, C], combine [G, S, E, C];  expert inputs = einsum('gsec,gsd->egcd')
       index:    slot_token [G, E, C], slot_gate [G, E, C];    expert inputs = gather, outputs = scatter-add
-      dropless: slot_token [N, b], slot_gate [N, b], block_expert [N]: every routed token, sorted by expert
-                into N blocks of b (no capacity, nothing dropped); gather, scatter-add as the index path
-    experts: [E, G, C, D] -> [E, G, C, D]  (weights [E, D, F], [E, F, D]); dropless: [N, 1, b, D], each
-             block through its expert's weights (gathered: [N, D, F])
+      dropless: slot_token [P, N, b], slot_gate [P, N, b], block_expert [P, N]: every routed token of each of
+                the P batch shards, sorted by expert into N blocks of b (no capacity, nothing dropped);
+                gather, scatter-add as the index path
+    experts: [E, G, C, D] -> [E, G, C, D]  (weights [E, D, F], [E, F, D]); dropless: [P*N, 1, b, D], each
+             block through its expert's weights (gathered: [P*N, D, F])
     y [G, S, D] -> [B, L, D]; a token with no expert slot gets exactly zero (the residual carries it).
 
 MoeConfig.semantics="transformers" reproduces transformers' SwitchTransformers: G = B and S = L (one group per
@@ -180,10 +181,10 @@ class MoeLayer(nn.Module):
     else:
       num_groups, group_size = group_shape(batch * length, moe.group_size, moe.num_group_partitions)
     num_experts, capacity = moe.num_experts, moe.capacity(group_size, train=train)
-    block = 0
+    block, parts = 0, moe.num_group_partitions   # dropless blocks are laid out within each batch shard
     if moe.dispatch == "dropless":  # nothing is dropped: sorted blocks, or a slot per token where they don't pay
       capacity = group_size
-      block = dropless_block_size(num_groups * group_size, moe.top_k, num_experts)
+      block = dropless_block_size(num_groups * group_size // parts, moe.top_k, num_experts)
 
     tokens = x.reshape(num_groups, group_size, d_model)                        # [G, S, D]
     tokens = nn.with_logical_constraint(tokens, ("batch", "unmodeled", "embed"))
@@ -212,10 +213,14 @@ class MoeLayer(nn.Module):
 
     # 2. Dispatch: move each token into its expert's buffer.
     block_expert = None
-    if block:
-      slot_token, slot_gate, block_expert = decision.blocks(num_experts, block)  # [N, b], [N, b], [N]
-      flat = jnp.pad(tokens.reshape(-1, d_model), ((0, 1), (0, 0)))           # [G*S+1, D]; last row: empty
-      expert_in = flat[slot_token][:, None]                                    # [N, 1, b, D]
+    if block:  # each of the P batch shards sorts its own G/P groups' tokens: no token crosses shards
+      shards = jax.tree_util.tree_map(lambda a: a.reshape((parts, -1) + a.shape[1:]), decision)
+      slot_token, slot_gate, block_expert = jax.vmap(lambda d: d.blocks(num_experts, block))(shards)
+      flat = jnp.pad(tokens.reshape(parts, -1, d_model), ((0, 0), (0, 1), (0, 0)))  # [P, G*S/P+1, D]; +1: empty
+      expert_in = jax.vmap(lambda rows, idx: rows[idx])(flat, slot_token)     # [P, N, b, D]
+      expert_in = nn.with_logical_constraint(expert_in, ("batch", None, None, "embed"))
+      expert_in = expert_in.reshape((-1, 1) + expert_in.shape[2:])            # [P*N, 1, b, D]
+      block_expert = block_expert.reshape(-1)                                  # [P*N]
     elif moe.dispatch == "einsum":
       dispatch, combine = decision.dense(num_experts, capacity)               # [G, S, E, C] each
       # Group-major dots, transposed outside: XLA's CPU backend rejects bf16 x bf16 -> f32 dots whose batch
@@ -239,9 +244,11 @@ class MoeLayer(nn.Module):
 
     # 4. Combine: weight each expert output by its gate and return it to its token (all-to-all back).
     if block:
-      weighted = expert_out[:, 0].astype(jnp.float32) * slot_gate[..., None]  # [N, b, D]
-      y = jnp.zeros((num_groups * group_size + 1, d_model), jnp.float32).at[slot_token].add(weighted)
-      y = y[:-1].reshape(num_groups, group_size, d_model).astype(dtype)        # [G, S, D]
+      weighted = expert_out.reshape(slot_gate.shape + (d_model,)).astype(jnp.float32) * slot_gate[..., None]
+      weighted = nn.with_logical_constraint(weighted, ("batch", None, None, "embed"))  # [P, N, b, D]
+      y = jax.vmap(lambda idx, rows: jnp.zeros((flat.shape[1], d_model), jnp.float32).at[idx].add(rows))(
+          slot_token, weighted)[:, :-1]                                        # [P, G*S/P, D]
+      y = y.reshape(num_groups, group_size, d_model).astype(dtype)             # [G, S, D]
     elif moe.dispatch == "einsum":
       y = matmul("gsec,gecd->gsd", combine, jnp.swapaxes(expert_out, 0, 1), dtype)  # [G, S, D]
     else:
