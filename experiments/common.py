@@ -83,8 +83,14 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
               f"TrainConfig.batch_size={base['batch_size']}", f"TrainConfig.inputs_length={base['inputs_length']}",
               f"TrainConfig.targets_length={base['targets_length']}", "TrainConfig.log_every=25",
               *base.get("extra", []), *overrides]
-  key = hashlib.sha256(json.dumps([base["preset"], bindings]).encode()).hexdigest()[:16]
-  cached = Path(work_dir) / "results" / f"{key}.json"
+  gin_config.parse([base["preset"], "runs/demo"], bindings)
+  model, train_cfg = gin_config.model_config(), gin_config.train_config()
+  configs = [model, train_cfg, gin_config.data_config()]
+  cached = Path(work_dir) / "results" / f"{run_key(configs)}.json"
+  legacy = Path(work_dir) / "results" / (hashlib.sha256(json.dumps([base["preset"], bindings]).encode())
+                                         .hexdigest()[:16] + ".json")   # runs cached before keys were resolved
+  if not cached.exists() and legacy.exists():
+    shutil.copy(legacy, cached)
   model_dir = Path(work_dir) / f"{name}-seed{seed}"
   if cached.exists():  # the same run made by another script (e.g. sparse_vs_dense reuses expert_count's runs)
     result = json.loads(cached.read_text())
@@ -93,8 +99,6 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
       cached.write_text(json.dumps(result))
     print(f"  {name} seed {seed}: held-out loss {result['final_eval_loss']:.4f} (cached)", flush=True)
     return result
-  gin_config.parse([base["preset"], "runs/demo"], bindings)
-  model, train_cfg = gin_config.model_config(), gin_config.train_config()
   shutil.rmtree(model_dir, ignore_errors=True)
   started = time.perf_counter()
   summary = train(model, train_cfg, gin_config.data_config(), model_dir=model_dir, show_progress=False,
@@ -119,6 +123,13 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
   cached.write_text(json.dumps(result))
   shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the bulky state
   return result
+
+
+def run_key(configs: list) -> str:
+  """The run cache's key: a hash of the resolved configurations (frozen dataclasses), so bindings that differ in
+  order or that override one another (a dense twin under a --gin layout) find the same run."""
+  text = json.dumps([repr(c) for c in configs])
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def router_confidence(metrics_file: Path) -> dict[str, float]:

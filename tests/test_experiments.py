@@ -66,3 +66,19 @@ def test_loss_at_interpolates_between_evaluations():
   with pytest.raises(SystemExit, match="outside the runs' evaluations"):
     common.mean_loss_at([{"eval_curve": curve}], 100)
 
+
+
+def test_run_cache_key_follows_the_resolved_configuration():
+  """Bindings that resolve to the same configs share a cached run (a dense twin under a sparse-layout --gin);
+  a real difference does not."""
+  from switchx import gin_config
+  from experiments import common
+
+  def key(*bindings):
+    gin_config.parse(["models/switch_cpu", "runs/demo"], list(bindings))
+    return common.run_key([gin_config.model_config(), gin_config.train_config(), gin_config.data_config()])
+
+  dense = expert_count.overrides(0)
+  assert key(*dense) == key("ModelConfig.encoder_sparse='every:2'", *dense)
+  assert key("TrainConfig.seed=1", *dense) == key(*dense, "TrainConfig.seed=1")
+  assert key(*dense) != key(*dense, "TrainConfig.seed=1") != key("MoeConfig.num_experts=16")
