@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import shutil
 import statistics
 import sys
@@ -229,7 +230,12 @@ def write(name: str, out: str, payload: dict, markdown: str, command: str) -> No
 
 
 def command_line() -> str:
-  return "python -m experiments." + Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:])
+  """The command that ran, quoted so it can be pasted into a shell (--gin values carry quotes)."""
+  def quote(arg: str) -> str:
+    if not any(c in arg for c in "\"$`\\") and shlex.quote(arg) != arg:
+      return f'"{arg}"'                                   # e.g. "ModelConfig.encoder_sparse='every:2'"
+    return shlex.quote(arg)
+  return "python -m experiments." + Path(sys.argv[0]).stem + " " + " ".join(map(quote, sys.argv[1:]))
 
 
 def plot(path: Path, series: dict[str, list[list[tuple[int, float]]]], title: str, ylabel: str = "held-out loss",

@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("expert_count", "capacity_factor", "sparse_vs_dense", "init_scale")
+NAMES = ("expert_count", "capacity_factor", "sparse_vs_dense", "init_scale",
+         "expert_count_2800", "expert_count_2800_every2", "sparse_vs_dense_2800")  # longer variants (--tag)
 
 
 def tables(results: Path = HERE / "results") -> dict[str, str]:
