@@ -21,6 +21,7 @@ DISPATCH = ("einsum", "index", "dropless")
 # SwitchTransformers (one group per sequence, fixed expert_capacity, padding routed, its router losses over a
 # stack's concatenated router logits). See docs/interop.md.
 SEMANTICS = ("switch", "transformers")
+EXPERT_DTYPES = ("auto", "float32", "bfloat16")
 
 # A sparse layout says which feed-forward positions of a stack are MoE layers:
 #   "none" | "all" | "every:N" (layer i sparse when i % N == N - 1, the original Switch placement)
@@ -79,6 +80,9 @@ class MoeConfig:
                                          # (no capacity: tokens sorted by expert into blocks; tokens_choose)
   expert_dropout_rate: float | None = None  # dropout inside experts; None: the model's dropout_rate
   expert_d_ff: int | None = None         # hidden size of each expert; None: the model's d_ff
+  expert_dtype: str = "auto"             # the experts' compute dtype; "auto": the model's dtype, but float32
+                                         # when training on a CPU with few tokens per expert (see
+                                         # moe.layer.expert_compute_dtype); or "float32" / "bfloat16"
   load_balance_loss_coef: float = 0.01
   router_z_loss_coef: float = 0.0
   num_group_partitions: int = 1          # shards the routing groups are split over (the mesh's data x expert
@@ -134,6 +138,8 @@ class MoeConfig:
             "semantics='switch'); experts_choose and transformers' fixed capacity need 'einsum' or 'index'.")
     if self.expert_dropout_rate is not None and not 0 <= self.expert_dropout_rate < 1:
       _fail(own, "expert_dropout_rate", self.expert_dropout_rate, "must be in [0, 1) or None.")
+    if self.expert_dtype not in EXPERT_DTYPES:
+      _fail(own, "expert_dtype", self.expert_dtype, f"choose one of {EXPERT_DTYPES}.")
     if self.expert_d_ff is not None and self.expert_d_ff < 1:
       _fail(own, "expert_d_ff", self.expert_d_ff, "must be >= 1 or None.")
     if self.num_group_partitions < 1:

@@ -3,6 +3,7 @@ losses, selective precision, jitter, and construction errors."""
 
 import functools
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -13,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 
 from moe_oracle import oracle_moe
 from switchx.config import ModelConfig, MoeConfig
-from switchx.moe.layer import MoeLayer, dropless_block_size, expert_matmul, group_shape, router_stats
+from switchx.moe.layer import (MoeLayer, dropless_block_size, expert_compute_dtype, expert_matmul, group_shape,
+                               router_stats)
 from switchx.moe.routing import experts_choose, tokens_choose
 
 D_MODEL, D_FF = 8, 16
@@ -389,6 +391,40 @@ def test_bfloat16_model_routes_in_float32_and_differentiates(dispatch):
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
+@pytest.mark.parametrize("setting,model,tokens,train,on_cpu", [
+    ("auto", "bfloat16", 32, True, "float32"),      # training, few tokens per expert: float32 on the CPU
+    ("auto", "bfloat16", 128, True, "bfloat16"),    # enough tokens for the matrix units
+    ("auto", "bfloat16", 8, False, "bfloat16"),     # inference (decoding hoists the weights' cast)
+    ("auto", "float32", 512, True, "float32"),
+    ("bfloat16", "bfloat16", 8, True, "bfloat16"),  # an explicit setting is obeyed
+    ("float32", "bfloat16", 512, False, "float32"),
+])
+def test_expert_compute_dtype_policy(setting, model, tokens, train, on_cpu):
+  expected = on_cpu if jax.default_backend() == "cpu" or setting != "auto" else model
+  assert expert_compute_dtype(setting, jnp.dtype(model), tokens, train) == jnp.dtype(expected)
+
+
+def test_bfloat16_model_trains_few_token_experts_in_float32_on_cpu():
+  """expert_dtype="auto" changes only the experts' dots: in training they take float32 operands on the CPU
+  (bfloat16 with an explicit setting), activations still enter and leave in bfloat16, and the two agree."""
+  x, mask = random_inputs(5, batch=2, length=16)      # 32 tokens, 4 experts: a few tokens per expert
+  outputs = {}
+  for setting in ("auto", "bfloat16"):
+    config = layer_config(dtype="bfloat16", dispatch="index", expert_dtype=setting)
+    params = init_layer(config, x)
+    loss = lambda p: run_layer(config, p, x.astype(jnp.bfloat16), mask, train=True)[0].astype(jnp.float32).sum()
+    stablehlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+    weights = rf"tensor<4x({D_MODEL}x{D_FF}|{D_FF}x{D_MODEL})x(f32|bf16)>"
+    expert_dots = re.findall(rf"stablehlo\.dot_general.*: \((tensor<[^>]*>), {weights}\)", stablehlo)
+    operand_types = {lhs.rsplit("x", 1)[1] for lhs, *_ in expert_dots}
+    assert expert_dots and operand_types == ({"f32>"} if setting == "auto" and jax.default_backend() == "cpu"
+                                             else {"bf16>"}), (setting, expert_dots)
+    y, _, inter = run_layer(config, params, x.astype(jnp.bfloat16), mask, train=True)
+    assert y.dtype == jnp.bfloat16 and inter["expert_inputs"][0].dtype == jnp.bfloat16
+    outputs[setting] = np.asarray(y, np.float32)
+  np.testing.assert_allclose(outputs["auto"], outputs["bfloat16"], atol=0.05 * np.abs(outputs["bfloat16"]).max())
+
+
 def test_jitter_changes_routing_only():
   x, mask = random_inputs(5, batch=2, length=16, pad_fraction=0.0)
   plain = layer_config(group_size=32, train_capacity_factor=0.0)
@@ -447,6 +483,7 @@ def test_expert_dropout_only_inside_experts_and_only_in_training():
     (lambda: MoeConfig(router="switchy"), "router"),
     (lambda: MoeConfig(expert_capacity=0), "expert_capacity"),
     (lambda: MoeConfig(dispatch="sorted"), "dispatch"),
+    (lambda: MoeConfig(expert_dtype="float16"), "expert_dtype"),
     (lambda: MoeConfig(num_experts=6, num_group_partitions=0), "num_group_partitions"),
     (lambda: ModelConfig(decoder_sparse="every:2", moe=MoeConfig(router="experts_choose")), "router"),
     (lambda: ModelConfig(decoder_sparse="all", moe=MoeConfig(batch_prioritized=True)), "batch_prioritized"),
