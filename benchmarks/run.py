@@ -177,13 +177,12 @@ def table(results: list[dict], meta: dict) -> str:
     lines.append("")
   three = [r for r in results if r["case"] == 3]
   if three:
-    lines += [f"Case 3. Expert scaling at fixed tokens and active FLOPs (d_model 128, d_ff 512, {three[0]['dtype']}); "
-              "floor = bytes a "
+    lines += ["Case 3. Expert scaling at fixed tokens and active FLOPs (d_model 128, d_ff 512); floor = bytes a "
               "step must move (24 per parameter with AdamW) / copy bandwidth; targets at 512 experts: <= 1.5x "
               "floor, <= 12 bytes/parameter.", "",
-              "| experts | dispatch | params | step ms | floor ms | step / floor | peak bytes / param |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['experts']} | {r['dispatch']} | {r['params'] / 1e6:.1f}M | {r['step_ms']:.0f} | "
+              "| experts | dispatch | dtype | params | step ms | floor ms | step / floor | peak bytes / param |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['experts']} | {r['dispatch']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['step_ms']:.0f} | "
               f"{r['floor_ms']:.0f} | {r['floor_ratio']:.2f}x | {r['peak_bytes_per_param']:.1f} |" for r in three]
     lines.append("")
   four = [r for r in results if r["case"] == 4]
@@ -223,7 +222,7 @@ def main(argv=None) -> list[dict]:
   args = p.parse_args(argv)
   if args.dtype == "auto":
     args.dtype = default_dtype()
-  dtypes = tuple(dict.fromkeys(("float32", args.dtype)))  # cases 1 and 4 also run float32
+  dtypes = tuple(dict.fromkeys(("float32", args.dtype)))  # full runs measure float32 too
   cases = {int(c) for c in args.cases.split(",")}
   rounds, repeats = (2, 1) if args.quick else (7, 3)
   bandwidth = timing.copy_bandwidth(32 * 2**20 if args.quick else 512 * 2**20)
@@ -238,12 +237,14 @@ def main(argv=None) -> list[dict]:
         results.append(case_train_vs_transformers(experts, dtype, args.quick, rounds, repeats))
   if 2 in cases:
     for experts in ((8,) if args.quick else (8, 32)):
-      results.append(case_switch_vs_dense(experts, args.dtype, args.quick, rounds, repeats))
+      for dtype in ((args.dtype,) if args.quick else dtypes):
+        results.append(case_switch_vs_dense(experts, dtype, args.quick, rounds, repeats))
   if 3 in cases:
     grid = [(8, "index")] if args.quick else [(e, d) for e in (8, 32, 128, 512) for d in ("einsum", "index")]
-    for experts, dispatch in grid:
-      results.append(case_expert_scaling(experts, dispatch, args.dtype, args.quick, max(rounds // 2, 1), repeats,
-                                         bandwidth))
+    for dtype in ((args.dtype,) if args.quick else dtypes):
+      for experts, dispatch in grid:
+        results.append(case_expert_scaling(experts, dispatch, dtype, args.quick, max(rounds // 2, 1), repeats,
+                                           bandwidth))
   if 4 in cases:
     for dtype in ((args.dtype,) if args.quick else dtypes):
       results.append(case_decode(8, dtype, args.quick, rounds, repeats))
