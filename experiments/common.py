@@ -8,6 +8,7 @@ a model small enough to compile in seconds and a handful of steps, so tests keep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -128,9 +129,32 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
 
 def run_key(configs: list) -> str:
   """The run cache's key: a hash of the resolved configurations (frozen dataclasses), so bindings that differ in
-  order or that override one another (a dense twin under a --gin layout) find the same run."""
-  text = json.dumps([repr(c) for c in configs])
+  order or that override one another (a dense twin under a --gin layout) find the same run. Only fields that
+  differ from their defaults enter it, so a new config field whose default keeps the old behaviour does not
+  invalidate the cache."""
+  text = json.dumps([changed_fields(c) for c in configs], sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_fields(config) -> dict:
+  """{field: repr(value)} of a frozen dataclass config's fields that differ from their defaults; nested configs
+  as nested dicts (omitted when nothing in them changed)."""
+  changed = {}
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if dataclasses.is_dataclass(value):
+      if inner := changed_fields(value):
+        changed[field.name] = inner
+      continue
+    if field.default is not dataclasses.MISSING:
+      default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      default = field.default_factory()
+    else:
+      default = dataclasses.MISSING
+    if default is dataclasses.MISSING or value != default:
+      changed[field.name] = repr(value)
+  return changed
 
 
 def router_confidence(metrics_file: Path) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Each reproduction script runs end to end in --quick mode (tiny model, a few steps) and writes its table, JSON and
 plot; the experiments README quotes the committed full-run results exactly."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -72,6 +73,7 @@ def test_run_cache_key_follows_the_resolved_configuration():
   """Bindings that resolve to the same configs share a cached run (a dense twin under a sparse-layout --gin);
   a real difference does not."""
   from switchx import gin_config
+  from switchx.config import MoeConfig
   from experiments import common
 
   def key(*bindings):
@@ -82,3 +84,18 @@ def test_run_cache_key_follows_the_resolved_configuration():
   assert key(*dense) == key("ModelConfig.encoder_sparse='every:2'", *dense)
   assert key("TrainConfig.seed=1", *dense) == key(*dense, "TrainConfig.seed=1")
   assert key(*dense) != key(*dense, "TrainConfig.seed=1") != key("MoeConfig.num_experts=16")
+  assert key(*dense) != key(*dense, "MoeConfig.expert_dtype='float32'")
+
+  # A field added later with a default that keeps the old behaviour leaves the key (and the cache) alone.
+  @dataclasses.dataclass(frozen=True)
+  class Before:
+    width: int = 4
+    inner: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+
+  @dataclasses.dataclass(frozen=True)
+  class After(Before):
+    new_knob: str = "off"
+
+  assert common.run_key([Before(width=8)]) == common.run_key([After(width=8)])
+  assert common.run_key([Before(width=8)]) != common.run_key([After(width=8, new_knob="on")])
+  assert common.run_key([Before()]) != common.run_key([Before(inner=MoeConfig(num_experts=4))])
