@@ -133,8 +133,9 @@ def _sample_loop(params, encoder_tokens, rng, temperature, top_k, top_p, *, mode
     else:
       token = _filtered_sample(jax.random.fold_in(rng, i), logits, temperature, top_k, top_p)
     token = jnp.where(s["done"], 0, token)                                       # [B]
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    scores = s["scores"] + jnp.where(s["done"], 0.0, log_probs[rows, token])
+    # log_softmax(logits)[token] without writing log_softmax out: one fused pass for the normaliser.
+    log_prob = logits[rows, token] - jax.nn.logsumexp(logits, axis=-1)          # [B]
+    scores = s["scores"] + jnp.where(s["done"], 0.0, log_prob)
     out = dict(i=i + 1, cache=cache, last=token, tokens=s["tokens"].at[:, i].set(token),
                done=s["done"] | (token == EOS_ID), scores=scores, logits=s["logits"])
     if return_logits:
