@@ -246,6 +246,7 @@ def test_dropless_blocks_hold_every_routed_choice_once_each_block_one_expert(p, 
     dict(top_k=2, experts=8, activation="gated-gelu", length=64, skew=0.0, block=64),
     dict(top_k=1, experts=4, activation="relu", length=64, skew=3.0, block=64),     # most tokens on one expert
     dict(top_k=1, experts=4, activation="relu", length=6, skew=0.0, block=0),       # 6 per expert: slots
+    dict(top_k=2, experts=8, activation="gated-gelu", length=3, skew=0.0, block=0),  # gates of 2 experts add
     dict(top_k=1, experts=4, activation="relu", length=128, skew=0.0, block=64, parts=2),  # 2 batch shards
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case):
@@ -286,7 +287,7 @@ def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case)
   b, num_tokens = case["block"], 4 * length // parts              # tokens per shard
   if b:                                 # [P*N, 1, b, D]: the blocks, N = (T*K + E*(b-1)) // b per shard
     assert expert_inputs.shape == (parts * ((num_tokens * k + experts * (b - 1)) // b), 1, b, D_MODEL)
-  else:                                 # [E, G, S, D]: every expert has a slot for each token of its group
+  else:                                 # [E, G, S, D]: every expert computes every token of its group
     assert expert_inputs.shape == (experts, 2, 2 * length, D_MODEL)
 
 

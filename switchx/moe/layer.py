@@ -10,7 +10,8 @@ C capacity (slots per expert per group), K experts per token, D d_model, F exper
       index:    slot_token [G, E, C], slot_gate [G, E, C];    expert inputs = gather, outputs = scatter-add
       dropless: slot_token [P, N, b], slot_gate [P, N, b], block_expert [P, N]: every routed token of each of
                 the P batch shards, sorted by expert into N blocks of b (no capacity, nothing dropped);
-                gather, scatter-add as the index path
+                gather, scatter-add as the index path; where blocks do not pay (dropless_block_size 0: a
+                decoding step), every expert computes every token, combined by gates [G, S, E] (0: not routed)
     experts: [E, G, C, D] -> [E, G, C, D]  (weights [E, D, F], [E, F, D]); dropless: [P*N, 1, b, D], each
              block through its expert's weights (gathered: [P*N, D, F])
     y [G, S, D] -> [B, L, D]; a token with no expert slot gets exactly zero (the residual carries it).
@@ -62,8 +63,8 @@ WEIGHT_PASS = 20
 
 
 def dropless_block_size(num_tokens: int, top_k: int, num_experts: int) -> int:
-  """Block size b of the dropless layout for `num_tokens` tokens with `top_k` choices each, or 0 to give every
-  expert a slot for each token of its group instead (which drops nothing either).
+  """Block size b of the dropless layout for `num_tokens` tokens with `top_k` choices each, or 0 to have every
+  expert compute every token of its group instead (which drops nothing either).
 
   b is the largest power of two <= the mean load (choices per expert), at most FIXED_LAYOUT_MAX_TOKENS, so the
   N blocks hold at most T*K + E*(b-1) < 2*T*K slots. Each block also gathers its expert's weights (read,
@@ -207,7 +208,7 @@ class MoeLayer(nn.Module):
       num_groups, group_size = group_shape(batch * length, moe.group_size, moe.num_group_partitions)
     num_experts, capacity = moe.num_experts, moe.capacity(group_size, train=train)
     block, parts = 0, moe.num_group_partitions   # dropless blocks are laid out within each batch shard
-    if moe.dispatch == "dropless":  # nothing is dropped: sorted blocks, or a slot per token where they don't pay
+    if moe.dispatch == "dropless":  # nothing dropped: sorted blocks, or (block 0) every expert on every token
       capacity = group_size
       block = dropless_block_size(num_groups * group_size // parts, moe.top_k, num_experts)
 
@@ -238,7 +239,12 @@ class MoeLayer(nn.Module):
 
     # 2. Dispatch: move each token into its expert's buffer.
     block_expert = None
-    if block:  # each of the P batch shards sorts its own G/P groups' tokens: no token crosses shards
+    every_token = moe.dispatch == "dropless" and not block                    # tokens_choose (MoeConfig checks)
+    if every_token:  # every expert computes every token of its group; the gates pick what each token keeps
+      gates = jnp.einsum("gske,gsk->gse", jax.nn.one_hot(decision.expert_index, num_experts, dtype=jnp.float32),
+                         jnp.where(decision.routed, decision.gate, 0.0))          # [G, S, E]
+      expert_in = jnp.broadcast_to(tokens[None], (num_experts,) + tokens.shape)   # [E, G, S, D]
+    elif block:  # each of the P batch shards sorts its own G/P groups' tokens: no token crosses shards
       shards = jax.tree_util.tree_map(lambda a: a.reshape((parts, -1) + a.shape[1:]), decision)
       slot_token, slot_gate, block_expert = jax.vmap(lambda d: d.blocks(num_experts, block))(shards)
       flat = jnp.pad(tokens.reshape(parts, -1, d_model), ((0, 0), (0, 1), (0, 0)))  # [P, G*S/P+1, D]; +1: empty
@@ -268,7 +274,9 @@ class MoeLayer(nn.Module):
       expert_out = nn.with_logical_constraint(expert_out, ("expert", "expert_group", "unmodeled", "embed"))
 
     # 4. Combine: weight each expert output by its gate and return it to its token (all-to-all back).
-    if block:
+    if every_token:
+      y = jnp.einsum("gse,egsd->gsd", gates, expert_out.astype(jnp.float32)).astype(dtype)  # [G, S, D]
+    elif block:
       weighted = expert_out.reshape(slot_gate.shape + (d_model,)).astype(jnp.float32) * slot_gate[..., None]
       weighted = nn.with_logical_constraint(weighted, ("batch", None, None, "embed"))  # [P, N, b, D]
       y = jax.vmap(lambda idx, rows: jnp.zeros((flat.shape[1], d_model), jnp.float32).at[idx].add(rows))(
