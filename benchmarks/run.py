@@ -6,6 +6,8 @@ Cases (numbers are ratios against baselines measured in the same run, programs a
   3. expert-count scaling at fixed tokens and active FLOPs (E = 8, 32, 128, 512), per dispatch path: step time,
      peak memory per parameter, and step time over the memory-traffic floor
   4. greedy decoding tokens/s with the KV cache, switchx vs transformers' generate
+  5. where case 1's step time goes: forward, backward, optimizer, in both frameworks (float32)
+  6. what AdamW costs in cases 2 and 3: the same step with AdamW and with plain SGD
 Writes benchmarks/results/bench.{md,json} and prints the table.
 """
 
@@ -123,6 +125,27 @@ def case_profile(experts: int, quick: bool, rounds: int, repeats: int) -> dict:
   return {"case": 5, "experts": experts, "ms": {k: 1000 * statistics.median(v) for k, v in times.items()}}
 
 
+def case_optimizer_share(model: str, dtype: str, quick: bool, rounds: int, repeats: int, bandwidth: float) -> dict:
+  """What AdamW costs in a step: the same real training step with AdamW and with plain SGD (no optimizer state),
+  alternated. Models: case 2's Switch at 32 experts ("switch-32") and its dense twin ("dense"), and case 3's
+  512-expert model ("case3-512", index dispatch)."""
+  kw = dict(QUICK_SIZE) if quick else {}
+  if model == "case3-512":
+    kw = kw or dict(d_model=128, d_ff=512, vocab_size=8192)
+    config = programs.case1_config(8 if quick else 512, dtype=dtype, dispatch="index", **kw)
+  else:
+    config = programs.case1_config(8 if quick else 32, dtype=dtype, sparse=model != "dense", **kw)
+  host = programs.batch(config, *BATCH)
+  adamw, num_params = programs.switchx_step(config, host)
+  sgd, _ = programs.switchx_step(config, host, optimizer="sgd")
+  times = timing.alternate({"adamw": adamw, "sgd": sgd}, rounds, repeats)
+  adamw_s, sgd_s = statistics.median(times["adamw"]), statistics.median(times["sgd"])
+  # AdamW beyond SGD moves at least the two moments, read and written: 16 bytes per parameter.
+  return {"case": 6, "model": model, "dtype": dtype, "params": num_params, "adamw_ms": 1000 * adamw_s,
+          "sgd_ms": 1000 * sgd_s, "extra_ms": 1000 * (adamw_s - sgd_s),
+          "extra_floor_ms": 1000 * 16 * num_params / bandwidth, "times": times}
+
+
 def peak_memory(config_args: dict, batch: tuple) -> dict:
   """Runs benchmarks.memory in a fresh process (peak RSS is per process)."""
   payload = json.dumps({"config": config_args, "batch": batch})
@@ -146,7 +169,9 @@ def case_expert_scaling(experts: int, dispatch: str, dtype: str, quick: bool, ro
   return {"case": 3, "experts": experts, "dispatch": dispatch, "dtype": dtype, "params": num_params,
           "step_ms": 1000 * step_s, "floor_ms": 1000 * floor_bytes / bandwidth,
           "floor_ratio": step_s / (floor_bytes / bandwidth),
-          "peak_bytes_per_param": memory["peak_bytes"] / num_params}
+          "peak_bytes_per_param": memory["peak_bytes"] / num_params,
+          "state_bytes_per_param": memory["state_bytes"] / num_params,
+          "xla_temp_bytes_per_param": memory["xla_temp_bytes"] / num_params}
 
 
 def table(results: list[dict], meta: dict) -> str:
@@ -180,10 +205,15 @@ def table(results: list[dict], meta: dict) -> str:
     lines += ["Case 3. Expert scaling at fixed tokens and active FLOPs (d_model 128, d_ff 512); floor = bytes a "
               "step must move (24 per parameter with AdamW) / copy bandwidth; targets at 512 experts: <= 1.5x "
               "floor, <= 12 bytes/parameter.", "",
-              "| experts | dispatch | dtype | params | step ms | floor ms | step / floor | peak bytes / param |",
-              "|---|---|---|---|---|---|---|---|"]
+              "Peak = the process's peak resident memory; of it, state = the training state's arrays, XLA temps = "
+              "the step's temporary buffer (gradients, activations), the rest the runtime's and the allocator's.",
+              "",
+              "| experts | dispatch | dtype | params | step ms | floor ms | step / floor | peak bytes / param "
+              "| of which state | XLA temps |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['experts']} | {r['dispatch']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['step_ms']:.0f} | "
-              f"{r['floor_ms']:.0f} | {r['floor_ratio']:.2f}x | {r['peak_bytes_per_param']:.1f} |" for r in three]
+              f"{r['floor_ms']:.0f} | {r['floor_ratio']:.2f}x | {r['peak_bytes_per_param']:.1f} | "
+              f"{r['state_bytes_per_param']:.1f} | {r['xla_temp_bytes_per_param']:.1f} |" for r in three]
     lines.append("")
   four = [r for r in results if r["case"] == 4]
   if four:
@@ -207,13 +237,28 @@ def table(results: list[dict], meta: dict) -> str:
         f, fb, full = (r["ms"][f"{who} {k}"] for k in ("forward", "forward + backward", "full step"))
         lines.append(f"| {r['experts']} | {who} | {f:.0f} | {fb - f:.0f} | {full - fb:.0f} | {full:.0f} |")
     lines.append("")
+  six = [r for r in results if r["case"] == 6]
+  if six:
+    lines += ["Optimizer share (cases 2 and 3): the same training step with AdamW and with plain SGD, alternated; "
+              "AdamW's extra time against its floor (the two moments read and written, 16 bytes per parameter, "
+              "at the copy bandwidth).", "",
+              "| model | dtype | params | AdamW step ms | SGD step ms | AdamW - SGD ms | its floor ms |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['adamw_ms']:.0f} | {r['sgd_ms']:.0f} | "
+              f"{r['extra_ms']:.0f} | {r['extra_floor_ms']:.0f} |" for r in six]
+    by_model = {r["model"]: r for r in six}
+    if {"switch-32", "dense"} <= by_model.keys():
+      s32, dense = by_model["switch-32"], by_model["dense"]
+      lines += ["", f"Switch-32 / dense: {s32['adamw_ms'] / dense['adamw_ms']:.2f}x with AdamW, "
+                    f"{s32['sgd_ms'] / dense['sgd_ms']:.2f}x with SGD."]
+    lines.append("")
   return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the benchmarks run")
-  p.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
+  p.add_argument("--cases", default="1,2,3,4,5,6", help="comma-separated case numbers")
   p.add_argument("--dtype", default="auto", help="switchx activation dtype (parameters stay float32); auto: "
                  "bfloat16 where the CPU has bfloat16 matrix instructions, else float32")
   p.add_argument("--out", default=str(RESULTS))
@@ -251,6 +296,9 @@ def main(argv=None) -> list[dict]:
   if 5 in cases:
     for experts in ((8,) if args.quick else (8, 128)):
       results.append(case_profile(experts, args.quick, rounds, repeats))
+  if 6 in cases:
+    for model in (("switch-32",) if args.quick else ("switch-32", "dense", "case3-512")):
+      results.append(case_optimizer_share(model, args.dtype, args.quick, rounds, repeats, bandwidth))
   if args.merge and (out_json := Path(args.out) / "bench.json").exists():
     # Keep the earlier run's results for the cases not rerun now (each case's ratios are measured within itself).
     earlier = json.loads(out_json.read_text())

@@ -72,6 +72,12 @@ class Run:
     with self.partitioner.context():
       return self._train_step(state, batch, rng)
 
+  def lower_train_step(self, state, batch, rng):
+    """The train step lowered for these inputs, e.g. `.compile().memory_analysis()` (XLA's temporaries) or
+    `.compile().as_text()` (the optimized HLO a profile's op names refer to)."""
+    with self.partitioner.context():
+      return self._train_step.lower(state, batch, rng)
+
   def eval_step(self, params, batch):
     with self.partitioner.context():
       return self._eval_step(params, batch)
