@@ -37,7 +37,7 @@ def main() -> None:
   peak = status_bytes("VmHWM")
   state = sum(a.nbytes for a in jax.live_arrays())       # parameters, optimizer state (and the small batch)
   print(json.dumps({"peak_bytes": peak - baseline, "params": num_params, "baseline_bytes": baseline,
-                    "state_bytes": state, "xla_temp_bytes": step.xla_temp_bytes()}))
+                    "state_bytes": state, "xla_temp_bytes": step.lowered().compile().memory_analysis().temp_size_in_bytes}))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def batch(config: ModelConfig, batch_size: int, inputs_length: int, targets_leng
 def switchx_step(config: ModelConfig, host_batch: dict, optimizer: str = "adamw"):
   """-> (step, number of parameters). The state is donated each step, as in `switchx train`. optimizer: a
   TrainConfig.optimizer, or "sgd" (plain optax.sgd, no state: the baseline that shows what AdamW costs).
-  `step.xla_temp_bytes()` is XLA's temporary buffer for one step (its memory analysis)."""
+  `step.lowered()` is the step lowered for its inputs (compile it for XLA's memory analysis or HLO)."""
   train = TrainConfig(optimizer="adamw" if optimizer == "sgd" else optimizer, learning_rate=1e-4,
                       schedule="constant", warmup_steps=0, batch_size=len(host_batch["encoder_input_tokens"]))
   sgd = (optax.sgd(1e-4), optax.constant_schedule(1e-4)) if optimizer == "sgd" else None
@@ -62,8 +62,7 @@ def switchx_step(config: ModelConfig, host_batch: dict, optimizer: str = "adamw"
     holder["state"], metrics = run.train_step(holder["state"], device_batch, rng)
     jax.block_until_ready(metrics["loss"])
 
-  step.xla_temp_bytes = lambda: run.lower_train_step(
-      holder["state"], device_batch, rng).compile().memory_analysis().temp_size_in_bytes
+  step.lowered = lambda: run.lower_train_step(holder["state"], device_batch, rng)
   num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(holder["state"].params))
   return step, num_params
 
