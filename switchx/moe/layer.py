@@ -57,13 +57,6 @@ def group_shape(num_tokens: int, max_group_size: int, num_partitions: int = 1) -
 FIXED_LAYOUT_MAX_TOKENS = 128
 
 
-# Up to this many tokens per expert, expert_matmul's weight gradient is a sum of T outer products in one
-# elementwise loop rather than a batched dot (XLA's CPU dot has a per-expert overhead that dominates when the
-# contraction is this short). Measured [E, D, F] = [512, 128, 512]: 1.7x faster for the gradient alone at
-# T = 2-8; at [128, 256, 1024] even up to T = 8 and slower at 16; the case-3 training step at 512 experts 1.06x.
-OUTER_PRODUCT_MAX_TOKENS = 8
-
-
 # Moving one expert weight matrix through memory, in units of one token through that matrix (2*D*F FLOPs):
 # 4*D*F bytes at ~10 FLOPs per byte (a CPU's compute / memory bandwidth balance).
 WEIGHT_PASS = 20
@@ -123,8 +116,7 @@ def expert_matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
   Optimization barriers keep the transposed operands and outputs from being folded back into the dots.
   Measured on the expert FFN's forward + backward (2-core CPU): 1.5x at 128 experts x 16 tokens, 1.2x at
   64 x 32; even at 8 x 128; slower from 256 tokens on, where the transposes cost more than they save, hence the
-  threshold. With at most OUTER_PRODUCT_MAX_TOKENS tokens the weight gradient is a sum of outer products.
-  Outside differentiation (inference) the forward is the plain einsum, faster there. Results equal
+  threshold. Outside differentiation (inference) the forward is the plain einsum, faster there. Results equal
   the einsum's up to float32 summation order; dw comes back in w's dtype (float32 parameters), accumulated in
   float32.
   """
@@ -151,12 +143,7 @@ def _expert_matmul_bwd(dtype, residuals, dy):
   dy = dy.astype(dtype)                                                           # [E, T, O]
   dxt = jnp.einsum("eio,eto->eit", w.astype(dtype), dy, preferred_element_type=jnp.float32)  # [E, I, T]
   dx = jnp.swapaxes(jax.lax.optimization_barrier(dxt), 1, 2).astype(dtype)        # [E, T, I]
-  tokens = xt.shape[-1]
-  if tokens <= OUTER_PRODUCT_MAX_TOKENS:  # T outer products summed in one elementwise loop: dw written once
-    xt32, dy32 = xt.astype(jnp.float32), dy.astype(jnp.float32)
-    dw = sum(xt32[:, :, t, None] * dy32[:, None, t, :] for t in range(tokens))  # [E, I, O]
-  else:
-    dw = jnp.einsum("eit,eto->eio", xt, dy, preferred_element_type=jnp.float32)   # [E, I, O]
+  dw = jnp.einsum("eit,eto->eio", xt, dy, preferred_element_type=jnp.float32)     # [E, I, O]
   return dx, dw.astype(w.dtype)
 
 
