@@ -36,8 +36,9 @@ def main() -> None:
     step()
   peak = status_bytes("VmHWM")
   state = sum(a.nbytes for a in jax.live_arrays())       # parameters, optimizer state (and the small batch)
+  temps = step.lowered().compile().memory_analysis().temp_size_in_bytes
   print(json.dumps({"peak_bytes": peak - baseline, "params": num_params, "baseline_bytes": baseline,
-                    "state_bytes": state, "xla_temp_bytes": step.lowered().compile().memory_analysis().temp_size_in_bytes}))
+                    "state_bytes": state, "xla_temp_bytes": temps}))
 
 
 if __name__ == "__main__":
