@@ -8,7 +8,7 @@ Cases (numbers are ratios against baselines measured in the same run, programs a
   4. greedy decoding tokens/s with the KV cache, switchx vs transformers' generate
   5. where case 1's step time goes: forward, backward, optimizer, in both frameworks (float32)
   6. what AdamW costs in cases 2 and 3: the same step with AdamW and with plain SGD
-Writes benchmarks/results/bench.{md,json} and prints the table.
+Writes benchmarks/results/bench.{md,json} (and case 3 as case3_scaling.png) and prints the table.
 """
 
 from __future__ import annotations
@@ -255,6 +255,44 @@ def table(results: list[dict], meta: dict) -> str:
   return "\n".join(lines)
 
 
+def plot_scaling(results: list[dict], path: Path) -> bool:
+  """Case 3 as a figure: step time over the memory-traffic floor and peak bytes per parameter against the
+  number of experts, one line per dispatch path and dtype, with the targets (and the AdamW state, 12 bytes per
+  parameter) drawn in. Returns False (and writes nothing) when the results hold no case 3."""
+  three = [r for r in results if r["case"] == 3]
+  if not three:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(10, 4))
+  for dispatch, dtype in dict.fromkeys((r["dispatch"], r["dtype"]) for r in three):
+    rows = sorted((r for r in three if (r["dispatch"], r["dtype"]) == (dispatch, dtype)), key=lambda r: r["experts"])
+    experts = [r["experts"] for r in rows]
+    time_ax.plot(experts, [r["floor_ratio"] for r in rows], "o-", label=f"{dispatch}, {dtype}")
+    memory_ax.plot(experts, [r["peak_bytes_per_param"] for r in rows], "o-", label=f"{dispatch}, {dtype}")
+  time_ax.axhline(1.5, color="gray", linestyle="--", label="target at 512 experts (1.5x)")
+  memory_ax.axhline(12, color="gray", linestyle="--", label="target at 512 experts = AdamW's state (12)")
+  from matplotlib.ticker import ScalarFormatter
+  for ax, ylabel in ((time_ax, "step time / memory-traffic floor"), (memory_ax, "peak bytes per parameter")):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({r["experts"] for r in three}))
+    for axis in (ax.xaxis, ax.yaxis):
+      axis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel("experts (fixed tokens and active FLOPs)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+  fig.suptitle("Case 3: expert-count scaling (AdamW training step)")
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the benchmarks run")
@@ -312,6 +350,8 @@ def main(argv=None) -> list[dict]:
   out.mkdir(parents=True, exist_ok=True)
   (out / "bench.md").write_text(text + "\n")
   (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+  if plot_scaling(results, out / "case3_scaling.png"):
+    text += f"\nCase 3 as a figure: {out / 'case3_scaling.png'}\n"
   print(text)
   return results
 

@@ -26,4 +26,5 @@ def test_benchmarks_quick(tmp_path):
   assert all(ms > 0 for ms in five["ms"].values()) and len(five["ms"]) == 6   # 3 phases x 2 frameworks
   six = [r for r in results if r["case"] == 6][0]
   assert six["adamw_ms"] > 0 and six["sgd_ms"] > 0 and six["extra_floor_ms"] > 0
+  assert (tmp_path / "case3_scaling.png").stat().st_size > 0
   assert "Case 1" in (tmp_path / "bench.md").read_text()
