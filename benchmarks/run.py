@@ -30,6 +30,7 @@ from benchmarks import programs, timing
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = (8, 128, 32)           # batch, encoder length, decoder length (case 1 and 2)
 QUICK_SIZE = dict(d_model=64, d_ff=128, vocab_size=512, num_layers=2)   # --quick: compiles in seconds
+CASE3_SIZE = dict(d_model=128, d_ff=512, vocab_size=8192)   # case 3's smaller model: 512 experts fit in memory
 
 
 def threads() -> int:
@@ -131,7 +132,7 @@ def case_optimizer_share(model: str, dtype: str, quick: bool, rounds: int, repea
   512-expert model ("case3-512", index dispatch)."""
   kw = dict(QUICK_SIZE) if quick else {}
   if model == "case3-512":
-    kw = kw or dict(d_model=128, d_ff=512, vocab_size=8192)
+    kw = kw or dict(CASE3_SIZE)
     config = programs.case1_config(8 if quick else 512, dtype=dtype, dispatch="index", **kw)
   else:
     config = programs.case1_config(8 if quick else 32, dtype=dtype, sparse=model != "dense", **kw)
@@ -157,7 +158,7 @@ def peak_memory(config_args: dict, batch: tuple) -> dict:
 def case_expert_scaling(experts: int, dispatch: str, dtype: str, quick: bool, rounds: int, repeats: int,
                         bandwidth: float) -> dict:
   """Fixed tokens and active FLOPs; a smaller model than case 1 so 512 experts fit in memory."""
-  size = dict(QUICK_SIZE) if quick else dict(d_model=128, d_ff=512, vocab_size=8192)
+  size = dict(QUICK_SIZE) if quick else dict(CASE3_SIZE)
   config_args = dict(num_experts=experts, dtype=dtype, dispatch=dispatch, **size)
   config = programs.case1_config(**config_args)
   host = programs.batch(config, *BATCH)
