@@ -268,6 +268,10 @@ def check_vocab(config: ModelConfig, max_token_id: int, source: str = "the input
 
 
 OPTIMIZERS = ("adafactor", "adamw")
+# bfloat16 Adam moments: the smallest per-step change (1 - b2) of the second moment that is kept. A stored
+# bfloat16 value moves only by >= 2^-8 of itself (round to nearest), so an EMA with 1 - b2 ~ 2^-8 (b2 = 0.996)
+# freezes; 2^-6 leaves a 4x margin (b2 <= 0.984, T5's 0.98 included).
+BF16_MIN_MOMENT_STEP = 2.0 ** -6
 SCHEDULES = ("constant", "constant_then_rsqrt", "warmup_cosine")
 
 
@@ -284,6 +288,7 @@ class TrainConfig:
   weight_decay: float = 0.0                # adamw (decoupled)
   adam_b1: float = 0.9
   adam_b2: float = 0.98
+  adam_moments_dtype: str = "float32"     # adamw: "bfloat16" stores both moments in 2 bytes (12 -> 8 B/param)
   grad_clip_norm: float = 0.0              # adamw: clip the global gradient norm when > 0
   gradient_accumulation_steps: int = 1
   z_loss_coef: float = 1e-4               # output-logit z-loss
@@ -315,6 +320,17 @@ class TrainConfig:
     for name in ("eval_every", "checkpoint_every"):
       if getattr(self, name) < 0:
         _fail(own, name, getattr(self, name), "must be >= 0 (0: only at the end).")
+    if self.adam_moments_dtype not in ("float32", "bfloat16"):
+      _fail(own, "adam_moments_dtype", self.adam_moments_dtype, "choose 'float32' or 'bfloat16'.")
+    if self.adam_moments_dtype == "bfloat16" and self.optimizer != "adamw":
+      _fail(own, "adam_moments_dtype", self.adam_moments_dtype,
+            f"applies to optimizer='adamw' only (optimizer={self.optimizer!r} keeps its own state); "
+            "leave it at 'float32'.")
+    if self.adam_moments_dtype == "bfloat16" and 1 - self.adam_b2 < BF16_MIN_MOMENT_STEP:
+      _fail(own, "adam_moments_dtype", self.adam_moments_dtype,
+            f"with adam_b2={self.adam_b2} the second moment moves by {1 - self.adam_b2:.4g} of itself per step, "
+            f"below bfloat16's resolution (a stored value changes only by >= 2^-8 of itself): it would stop "
+            f"decaying. Use adam_b2 <= {1 - BF16_MIN_MOMENT_STEP:g} or adam_moments_dtype='float32'.")
     if self.batch_size % self.gradient_accumulation_steps:
       _fail(own, "gradient_accumulation_steps", self.gradient_accumulation_steps,
             f"must divide batch_size={self.batch_size} (each micro-batch gets the same number of rows).")

@@ -231,3 +231,65 @@ def test_compiled_train_step_updates_parameters_in_place():
   assert "%state_params" in hlo   # the parameters keep their names in the compiled program
   copied = [line for line in hlo.splitlines() if " copy(%state_params" in line]
   assert not copied, copied[:3]
+
+
+def test_adam_moments_stored_in_float32_equal_optax_and_in_bfloat16_only_round_what_is_stored():
+  """scale_by_adam_stored_as: in float32 it is optax.scale_by_adam (same updates, same state tree, so
+  checkpoints restore across the option); in bfloat16 the state is 2 bytes per moment, the first update (made
+  from the float32 moments before rounding) is exact, and later ones follow float32 to bfloat16's resolution."""
+  import optax
+  rng = np.random.RandomState(0)
+  params = {"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32), "b": jnp.zeros((32,), jnp.float32)}
+  reference = optax.scale_by_adam(b1=0.9, b2=0.98)
+  ours = {d: optim.scale_by_adam_stored_as(d, b1=0.9, b2=0.98) for d in (jnp.float32, jnp.bfloat16)}
+  states = {"ref": reference.init(params)} | {d: tx.init(params) for d, tx in ours.items()}
+  for d in ours:
+    assert jax.tree_util.tree_structure(states[d]) == jax.tree_util.tree_structure(states["ref"])
+  assert {x.dtype for x in jax.tree_util.tree_leaves((states[jnp.bfloat16].mu, states[jnp.bfloat16].nu))} == {
+      jnp.dtype(jnp.bfloat16)}
+  for step in range(5):
+    grads = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    expected, states["ref"] = reference.update(grads, states["ref"])
+    for d, tx in ours.items():
+      updates, states[d] = tx.update(grads, states[d])
+      assert all(u.dtype == jnp.float32 for u in jax.tree_util.tree_leaves(updates))
+      # float32: optax's arithmetic; bfloat16: exact at step 0, then within a few bfloat16 ulps (2^-8) of it.
+      tol = 1e-6 if d == jnp.float32 or step == 0 else 2e-2
+      for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+  assert int(states[jnp.bfloat16].count) == 5
+
+
+def test_bfloat16_adam_moments_config_is_checked():
+  TrainConfig(optimizer="adamw", adam_moments_dtype="bfloat16", adam_b2=0.98)
+  with pytest.raises(ValueError, match="adam_b2 <= 0.984"):         # 0.999 would freeze the second moment
+    TrainConfig(optimizer="adamw", adam_moments_dtype="bfloat16", adam_b2=0.999)
+  with pytest.raises(ValueError, match="optimizer='adamw' only"):
+    TrainConfig(optimizer="adafactor", adam_moments_dtype="bfloat16")
+  with pytest.raises(ValueError, match="adam_moments_dtype"):
+    TrainConfig(optimizer="adamw", adam_moments_dtype="float16")
+
+
+def test_bfloat16_adam_moments_train_like_float32():
+  """The same Switch model and data, AdamW with float32 and with bfloat16 moments: the loss falls the same way.
+  Measured over 3 data seeds (300 steps): windowed losses at steps 50 and 100 agreed within 1.2%; after the copy
+  task's drop (steps 150-250) each run's timing differs by seed in both dtypes, so the test stops before it."""
+  config = tiny_switch_config(group_size=64, train_capacity_factor=1.25, load_balance_loss_coef=0.01)
+  curves = {}
+  for dtype in ("float32", "bfloat16"):
+    train_cfg = TrainConfig(optimizer="adamw", learning_rate=1e-2, schedule="constant", warmup_steps=0,
+                            adam_moments_dtype=dtype)
+    rng = np.random.RandomState(0)
+    state, step = _setup(config, train_cfg, copy_task_batch(rng))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(state.opt_state[0].mu)} == {jnp.dtype(dtype)}
+    losses = []
+    for _ in range(100):
+      state, metrics = step(state, copy_task_batch(rng), jax.random.PRNGKey(1))
+      losses.append(float(metrics["cross_entropy_loss"]))
+    curves[dtype] = np.array(losses)
+  f32, bf16 = curves["float32"], curves["bfloat16"]
+  assert f32[0] == bf16[0]                                            # same model, same first batch
+  for curve in (f32, bf16):
+    assert curve[-10:].mean() < 0.8 * curve[0], curve[-10:]           # both learn
+  for end in (50, 100):
+    np.testing.assert_allclose(bf16[end - 10:end].mean(), f32[end - 10:end].mean(), rtol=0.03)

@@ -32,10 +32,39 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
     # dims, which would mix experts whenever E exceeds D or F.
     tx = optax.multi_transform({"expert": per_expert(adafactor), "dense": adafactor}, param_kinds)
   else:
-    tx = optax.adamw(learning_rate=schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay)
+    moments_dtype = jnp.dtype(cfg.adam_moments_dtype)
+    scale = (optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2) if moments_dtype == jnp.float32 else
+             scale_by_adam_stored_as(moments_dtype, b1=cfg.adam_b1, b2=cfg.adam_b2))
+    # optax.adamw's chain, so the state is the same tree whatever the moments' dtype.
+    tx = optax.chain(scale, optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_learning_rate(schedule))
     if cfg.grad_clip_norm > 0:
       tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx, schedule  # gradient accumulation happens inside the train step (train/step.py)
+
+
+def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float = 1e-8) -> optax.GradientTransformation:
+  """optax.scale_by_adam with both moments stored in `dtype` (bfloat16: 8 instead of 12 bytes of training
+  state per parameter with the float32 parameters). Each step reads the moments, updates them and computes the
+  update in float32, and rounds only what it stores; the state is optax's ScaleByAdamState."""
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def init(params):
+    zeros = lambda: jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, dtype), params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+
+  def update(grads, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    mu = jax.tree_util.tree_map(lambda m, g: b1 * f32(m) + (1 - b1) * f32(g), state.mu, grads)
+    nu = jax.tree_util.tree_map(lambda v, g: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), state.nu, grads)
+    step = count.astype(jnp.float32)
+    mu_correction, nu_correction = 1 - b1 ** step, 1 - b2 ** step
+    updates = jax.tree_util.tree_map(
+        lambda m, v, g: ((m / mu_correction) / (jnp.sqrt(v / nu_correction) + eps)).astype(g.dtype), mu, nu, grads)
+    store = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
+    return updates, optax.ScaleByAdamState(count=count, mu=store(mu), nu=store(nu))
+
+  return optax.GradientTransformation(init, update)
 
 
 def t5_adafactor(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
