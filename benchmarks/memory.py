@@ -31,7 +31,8 @@ def main() -> None:
   host_batch = programs.batch(config, *args["batch"])
   jax.numpy.zeros(1).block_until_ready()
   baseline = status_bytes("VmRSS")
-  step, num_params = programs.switchx_step(config, host_batch, optimizer=args.get("optimizer", "adamw"))
+  step, num_params = programs.switchx_step(config, host_batch, optimizer=args.get("optimizer", "adamw"),
+                                           moments=args.get("moments", "float32"))
   for _ in range(args.get("steps", 3)):
     step()
   peak = status_bytes("VmHWM")

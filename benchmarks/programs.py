@@ -46,17 +46,20 @@ def batch(config: ModelConfig, batch_size: int, inputs_length: int, targets_leng
           "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets, np.float32)}
 
 
-def switchx_step(config: ModelConfig, host_batch: dict, optimizer: str = "adamw"):
+def switchx_step(config: ModelConfig, host_batch: dict, optimizer: str = "adamw", moments: str = "float32"):
   """-> (step, number of parameters). The state is donated each step, as in `switchx train`. optimizer: a
-  TrainConfig.optimizer, or "sgd" (plain optax.sgd, no state: the baseline that shows what AdamW costs).
+  TrainConfig.optimizer, or "sgd" (plain optax.sgd, no state: the baseline that shows what AdamW costs);
+  moments: TrainConfig.adam_moments_dtype.
   `step.lowered()` is the step lowered for its inputs (compile it for XLA's memory analysis or HLO)."""
   train = TrainConfig(optimizer="adamw" if optimizer == "sgd" else optimizer, learning_rate=1e-4,
-                      schedule="constant", warmup_steps=0, batch_size=len(host_batch["encoder_input_tokens"]))
+                      schedule="constant", warmup_steps=0, batch_size=len(host_batch["encoder_input_tokens"]),
+                      adam_moments_dtype=moments)
   sgd = (optax.sgd(1e-4), optax.constant_schedule(1e-4)) if optimizer == "sgd" else None
   run = state_lib.build(config, train, Partitioner(make_mesh(MeshConfig(), jax.devices()[:1])), host_batch, sgd)
+  rng = jax.random.PRNGKey(1)
+  run.compile_train_step(host_batch, rng)   # as `switchx train`: compiled before the state exists
   holder = {"state": run.init(jax.random.PRNGKey(0))}
   device_batch = run.shard_batch(host_batch)
-  rng = jax.random.PRNGKey(1)
 
   def step():
     holder["state"], metrics = run.train_step(holder["state"], device_batch, rng)

@@ -30,6 +30,7 @@ from benchmarks import programs, timing
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = (8, 128, 32)           # batch, encoder length, decoder length (case 1 and 2)
 QUICK_SIZE = dict(d_model=64, d_ff=128, vocab_size=512, num_layers=2)   # --quick: compiles in seconds
+MOMENT_BYTES = {"float32": 4, "bfloat16": 2}
 CASE3_SIZE = dict(d_model=128, d_ff=512, vocab_size=8192)   # case 3's smaller model: 512 experts fit in memory
 
 
@@ -147,27 +148,30 @@ def case_optimizer_share(model: str, dtype: str, quick: bool, rounds: int, repea
           "extra_floor_ms": 1000 * 16 * num_params / bandwidth, "times": times}
 
 
-def peak_memory(config_args: dict, batch: tuple) -> dict:
+def peak_memory(config_args: dict, batch: tuple, moments: str = "float32") -> dict:
   """Runs benchmarks.memory in a fresh process (peak RSS is per process)."""
-  payload = json.dumps({"config": config_args, "batch": batch})
+  payload = json.dumps({"config": config_args, "batch": batch, "moments": moments})
   out = subprocess.run([sys.executable, "-m", "benchmarks.memory", payload], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parent.parent, check=True).stdout
   return json.loads(out.strip().splitlines()[-1])
 
 
 def case_expert_scaling(experts: int, dispatch: str, dtype: str, quick: bool, rounds: int, repeats: int,
-                        bandwidth: float) -> dict:
-  """Fixed tokens and active FLOPs; a smaller model than case 1 so 512 experts fit in memory."""
+                        bandwidth: float, moments: str = "float32") -> dict:
+  """Fixed tokens and active FLOPs; a smaller model than case 1 so 512 experts fit in memory. moments: AdamW's
+  moments' dtype (TrainConfig.adam_moments_dtype)."""
   size = dict(QUICK_SIZE) if quick else dict(CASE3_SIZE)
   config_args = dict(num_experts=experts, dtype=dtype, dispatch=dispatch, **size)
   config = programs.case1_config(**config_args)
   host = programs.batch(config, *BATCH)
-  step, num_params = programs.switchx_step(config, host)
+  step, num_params = programs.switchx_step(config, host, moments=moments)
   times = timing.alternate({"step": step}, rounds, repeats)
   step_s = statistics.median(times["step"])
-  floor_bytes = 24 * num_params   # AdamW f32: params read, grads written, (m, v) read and written: 4+4+8+8
-  memory = peak_memory(config_args, BATCH)
-  return {"case": 3, "experts": experts, "dispatch": dispatch, "dtype": dtype, "params": num_params,
+  # AdamW: params read, grads written (4 + 4 bytes), the two moments read and written (4 x 4 in float32).
+  floor_bytes = (8 + 4 * MOMENT_BYTES[moments]) * num_params
+  memory = peak_memory(config_args, BATCH, moments)
+  return {"case": 3, "experts": experts, "dispatch": dispatch, "dtype": dtype, "moments": moments,
+          "params": num_params,
           "step_ms": 1000 * step_s, "floor_ms": 1000 * floor_bytes / bandwidth,
           "floor_ratio": step_s / (floor_bytes / bandwidth),
           "peak_bytes_per_param": memory["peak_bytes"] / num_params,
@@ -204,15 +208,17 @@ def table(results: list[dict], meta: dict) -> str:
   three = [r for r in results if r["case"] == 3]
   if three:
     lines += ["Case 3. Expert scaling at fixed tokens and active FLOPs (d_model 128, d_ff 512); floor = bytes a "
-              "step must move (24 per parameter with AdamW) / copy bandwidth; targets at 512 experts: <= 1.5x "
-              "floor, <= 12 bytes/parameter.", "",
+              "step must move (parameters read and gradients written, 8 per parameter, and AdamW's two moments "
+              "read and written: 16 more in float32, 8 in bfloat16) / copy bandwidth; targets at 512 experts: "
+              "<= 1.5x floor, <= 12 bytes/parameter.", "",
               "Peak = the process's peak resident memory; of it, state = the training state's arrays, XLA temps = "
               "the step's temporary buffer (gradients, activations), the rest the runtime's and the allocator's.",
               "",
-              "| experts | dispatch | dtype | params | step ms | floor ms | step / floor | peak bytes / param "
-              "| of which state | XLA temps |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['experts']} | {r['dispatch']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['step_ms']:.0f} | "
+              "| experts | dispatch | dtype | AdamW moments | params | step ms | floor ms | step / floor | "
+              "peak bytes / param | of which state | XLA temps |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['experts']} | {r['dispatch']} | {r['dtype']} | {r.get('moments', 'float32')} | "
+              f"{r['params'] / 1e6:.1f}M | {r['step_ms']:.0f} | "
               f"{r['floor_ms']:.0f} | {r['floor_ratio']:.2f}x | {r['peak_bytes_per_param']:.1f} | "
               f"{r['state_bytes_per_param']:.1f} | {r['xla_temp_bytes_per_param']:.1f} |" for r in three]
     lines.append("")
@@ -267,13 +273,16 @@ def plot_scaling(results: list[dict], path: Path) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(10, 4))
-  for dispatch, dtype in dict.fromkeys((r["dispatch"], r["dtype"]) for r in three):
-    rows = sorted((r for r in three if (r["dispatch"], r["dtype"]) == (dispatch, dtype)), key=lambda r: r["experts"])
+  series = lambda r: (r["dispatch"], r["dtype"], r.get("moments", "float32"))
+  for dispatch, dtype, moments in dict.fromkeys(map(series, three)):
+    rows = sorted((r for r in three if series(r) == (dispatch, dtype, moments)), key=lambda r: r["experts"])
     experts = [r["experts"] for r in rows]
-    time_ax.plot(experts, [r["floor_ratio"] for r in rows], "o-", label=f"{dispatch}, {dtype}")
-    memory_ax.plot(experts, [r["peak_bytes_per_param"] for r in rows], "o-", label=f"{dispatch}, {dtype}")
+    label = f"{dispatch}, {dtype}" + ("" if moments == "float32" else f", {moments} AdamW moments")
+    style = "o-" if moments == "float32" else "s"
+    time_ax.plot(experts, [r["floor_ratio"] for r in rows], style, label=label)
+    memory_ax.plot(experts, [r["peak_bytes_per_param"] for r in rows], style, label=label)
   time_ax.axhline(1.5, color="gray", linestyle="--", label="target at 512 experts (1.5x)")
-  memory_ax.axhline(12, color="gray", linestyle="--", label="target at 512 experts = AdamW's state (12)")
+  memory_ax.axhline(12, color="gray", linestyle="--", label="target at 512 experts = float32 AdamW's state (12)")
   from matplotlib.ticker import ScalarFormatter
   for ax, ylabel in ((time_ax, "step time / memory-traffic floor"), (memory_ax, "peak bytes per parameter")):
     ax.set_xscale("log", base=2)
@@ -329,6 +338,10 @@ def main(argv=None) -> list[dict]:
       for experts, dispatch in grid:
         results.append(case_expert_scaling(experts, dispatch, dtype, args.quick, max(rounds // 2, 1), repeats,
                                            bandwidth))
+    # AdamW with bfloat16 moments (8 instead of 12 bytes of state per parameter), where the target is set.
+    for experts, dispatch in ([(8, "index")] if args.quick else [(512, "einsum"), (512, "index")]):
+      results.append(case_expert_scaling(experts, dispatch, args.dtype, args.quick, max(rounds // 2, 1), repeats,
+                                         bandwidth, moments="bfloat16"))
   if 4 in cases:
     for dtype in ((args.dtype,) if args.quick else dtypes):
       results.append(case_decode(8, dtype, args.quick, rounds, repeats))

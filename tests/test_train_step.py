@@ -293,3 +293,29 @@ def test_bfloat16_adam_moments_train_like_float32():
     assert curve[-10:].mean() < 0.8 * curve[0], curve[-10:]           # both learn
   for end in (50, 100):
     np.testing.assert_allclose(bf16[end - 10:end].mean(), f32[end - 10:end].mean(), rtol=0.03)
+
+
+def test_train_step_compiled_ahead_of_time_is_the_one_that_runs_and_equals_jit():
+  """compile_train_step (what `switchx train` does before creating the state) compiles from shapes alone; the
+  steps then run that executable (jit never compiles) and give jit's results; another batch shape goes to jit."""
+  from switchx.parallel.mesh import MeshConfig, make_mesh
+  from switchx.parallel.partitioning import Partitioner
+  from switchx.train import state as state_lib
+  config = tiny_switch_config(group_size=64)
+  batch = copy_task_batch(np.random.RandomState(0), batch=4)
+  train_cfg = TrainConfig(optimizer="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0,
+                          batch_size=4, adam_moments_dtype="bfloat16")
+  build = lambda: state_lib.build(config, train_cfg, Partitioner(make_mesh(MeshConfig(), jax.devices()[:1])), batch)
+  rng = jax.random.PRNGKey(1)
+  ahead, plain = build(), build()
+  ahead.compile_train_step(batch, rng)
+  states = {"ahead": ahead.init(jax.random.PRNGKey(0)), "plain": plain.init(jax.random.PRNGKey(0))}
+  for _ in range(2):
+    for name, run in (("ahead", ahead), ("plain", plain)):
+      states[name], _ = run.train_step(states[name], run.shard_batch(batch), rng)
+  assert ahead._train_step._cache_size() == 0 and plain._train_step._cache_size() == 1
+  for a, b in zip(jax.tree_util.tree_leaves(states["ahead"]), jax.tree_util.tree_leaves(states["plain"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  half = {k: v[:2] for k, v in batch.items()}    # another shape: jit compiles it (the mesh has one device)
+  ahead.train_step(states["ahead"], ahead.shard_batch(half), rng)
+  assert ahead._train_step._cache_size() == 1

@@ -206,6 +206,8 @@ def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_d
   example = {k: np.zeros((tc.batch_size,) + v.shape[1:], v.dtype) for k, v in mixture_batch_shapes(tc).items()}
   run = state_lib.build(config, tc, partitioner, example, optimizer=make_optimizer(tc, fc.freeze, config))
   abstract = run.abstract_state()
+  rng = jax.random.PRNGKey(tc.seed + 1)
+  run.compile_train_step(example, rng)               # before the state exists: compiling's memory is given back
 
   # --- 4. Resume this run, or start from the checkpoint ---------------------------------------------------
   model_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +232,6 @@ def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_d
     tokenizer.save(model_dir / restore.TOKENIZER_FILE)
     if operative_config:
       (model_dir / "config.gin").write_text(operative_config)
-  rng = jax.random.PRNGKey(tc.seed + 1)
 
   def meta(eval_metrics=None):
     return {"data": mixture.get_state(), "config": record, "eval": _scalars(eval_metrics or {})}

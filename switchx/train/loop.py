@@ -131,6 +131,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
   global_shapes = {k: np.zeros((train_config.batch_size,) + v.shape[1:], v.dtype) for k, v in
                    eval_batches[0].items()}
   run = state_lib.build(model_config, train_config, partitioner, global_shapes)
+  rng = jax.random.PRNGKey(train_config.seed + 1)  # folded with the step inside train_step
+  log.info("compiling the train step")
+  run.compile_train_step(global_shapes, rng)        # before the state exists: compiling's memory is given back
 
   # --- 5. Restore or initialise -----------------------------------------------------------------------------
   checkpoints = Checkpointer(model_dir / "checkpoints", keep=train_config.keep_checkpoints)
@@ -147,7 +150,6 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     (model_dir / "config.json").write_text(json.dumps(record, indent=1))
     if operative_config:
       (model_dir / "config.gin").write_text(operative_config)
-  rng = jax.random.PRNGKey(train_config.seed + 1)  # folded with the step inside train_step
 
   def save(step, state):
     checkpoints.save(step, state, {"data": train_data.get_state(), "config": record})
