@@ -127,10 +127,11 @@ def case_profile(experts: int, quick: bool, rounds: int, repeats: int) -> dict:
   return {"case": 5, "experts": experts, "ms": {k: 1000 * statistics.median(v) for k, v in times.items()}}
 
 
-def case_optimizer_share(model: str, dtype: str, quick: bool, rounds: int, repeats: int, bandwidth: float) -> dict:
+def case_optimizer_share(model: str, dtype: str, quick: bool, rounds: int, repeats: int, bandwidth: float,
+                         moments: str = "float32") -> dict:
   """What AdamW costs in a step: the same real training step with AdamW and with plain SGD (no optimizer state),
   alternated. Models: case 2's Switch at 32 experts ("switch-32") and its dense twin ("dense"), and case 3's
-  512-expert model ("case3-512", index dispatch)."""
+  512-expert model ("case3-512", index dispatch). moments: AdamW's moments' dtype."""
   kw = dict(QUICK_SIZE) if quick else {}
   if model == "case3-512":
     kw = kw or dict(CASE3_SIZE)
@@ -138,14 +139,14 @@ def case_optimizer_share(model: str, dtype: str, quick: bool, rounds: int, repea
   else:
     config = programs.case1_config(8 if quick else 32, dtype=dtype, sparse=model != "dense", **kw)
   host = programs.batch(config, *BATCH)
-  adamw, num_params = programs.switchx_step(config, host)
+  adamw, num_params = programs.switchx_step(config, host, moments=moments)
   sgd, _ = programs.switchx_step(config, host, optimizer="sgd")
   times = timing.alternate({"adamw": adamw, "sgd": sgd}, rounds, repeats)
   adamw_s, sgd_s = statistics.median(times["adamw"]), statistics.median(times["sgd"])
-  # AdamW beyond SGD moves at least the two moments, read and written: 16 bytes per parameter.
-  return {"case": 6, "model": model, "dtype": dtype, "params": num_params, "adamw_ms": 1000 * adamw_s,
-          "sgd_ms": 1000 * sgd_s, "extra_ms": 1000 * (adamw_s - sgd_s),
-          "extra_floor_ms": 1000 * 16 * num_params / bandwidth, "times": times}
+  # AdamW beyond SGD moves at least the two moments, read and written: 16 bytes per parameter in float32.
+  return {"case": 6, "model": model, "dtype": dtype, "moments": moments, "params": num_params,
+          "adamw_ms": 1000 * adamw_s, "sgd_ms": 1000 * sgd_s, "extra_ms": 1000 * (adamw_s - sgd_s),
+          "extra_floor_ms": 1000 * 4 * MOMENT_BYTES[moments] * num_params / bandwidth, "times": times}
 
 
 def peak_memory(config_args: dict, batch: tuple, moments: str = "float32") -> dict:
@@ -185,10 +186,14 @@ def table(results: list[dict], meta: dict) -> str:
            f"{'' if units is None else (', bfloat16 matrix units' if units else ', no bfloat16 matrix units')}, "
            f"{meta['threads']} threads, copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s"
            f"{', QUICK' if meta['quick'] else ''})"]
-  if "merged_from" in meta:
-    earlier = meta["merged_from"]
-    lines[0] += (f"; cases not rerun then come from the run of {earlier['when']} (copy bandwidth "
-                 f"{earlier['bandwidth_gbs']:.1f} GB/s)")
+  earlier_runs = {}
+  for r in results:
+    if "when" in r:   # kept from an earlier run by --merge
+      earlier_runs.setdefault(r["when"], set()).add(r["case"])
+  if earlier_runs:
+    lines[0] += "; earlier runs: " + "; ".join(
+        f"case{'s' if len(c) > 1 else ''} {', '.join(map(str, sorted(c)))} from {when}"
+        for when, c in sorted(earlier_runs.items()))
   lines.append("")
   one = [r for r in results if r["case"] == 1]
   if one:
@@ -247,13 +252,14 @@ def table(results: list[dict], meta: dict) -> str:
   six = [r for r in results if r["case"] == 6]
   if six:
     lines += ["Optimizer share (cases 2 and 3): the same training step with AdamW and with plain SGD, alternated; "
-              "AdamW's extra time against its floor (the two moments read and written, 16 bytes per parameter, "
-              "at the copy bandwidth).", "",
-              "| model | dtype | params | AdamW step ms | SGD step ms | AdamW - SGD ms | its floor ms |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['adamw_ms']:.0f} | {r['sgd_ms']:.0f} | "
-              f"{r['extra_ms']:.0f} | {r['extra_floor_ms']:.0f} |" for r in six]
-    by_model = {r["model"]: r for r in six}
+              "AdamW's extra time against its floor (the two moments read and written, 16 bytes per parameter in "
+              "float32, 8 in bfloat16, at the copy bandwidth).", "",
+              "| model | dtype | AdamW moments | params | AdamW step ms | SGD step ms | AdamW - SGD ms | its floor ms |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['dtype']} | {r.get('moments', 'float32')} | {r['params'] / 1e6:.1f}M | "
+              f"{r['adamw_ms']:.0f} | {r['sgd_ms']:.0f} | {r['extra_ms']:.0f} | {r['extra_floor_ms']:.0f} |"
+              for r in six]
+    by_model = {r["model"]: r for r in six if r.get("moments", "float32") == "float32"}
     if {"switch-32", "dense"} <= by_model.keys():
       s32, dense = by_model["switch-32"], by_model["dense"]
       lines += ["", f"Switch-32 / dense: {s32['adamw_ms'] / dense['adamw_ms']:.2f}x with AdamW, "
@@ -351,6 +357,9 @@ def main(argv=None) -> list[dict]:
   if 6 in cases:
     for model in (("switch-32",) if args.quick else ("switch-32", "dense", "case3-512")):
       results.append(case_optimizer_share(model, args.dtype, args.quick, rounds, repeats, bandwidth))
+    if not args.quick:
+      results.append(case_optimizer_share("case3-512", args.dtype, args.quick, rounds, repeats, bandwidth,
+                                          moments="bfloat16"))
   if args.merge and (out_json := Path(args.out) / "bench.json").exists():
     # Keep the earlier run's results for the cases not rerun now (each case's ratios are measured within itself).
     earlier = json.loads(out_json.read_text())

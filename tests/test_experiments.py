@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import capacity_factor, expert_count, init_scale, report, sparse_vs_dense
+from experiments import adam_moments, capacity_factor, expert_count, init_scale, report, sparse_vs_dense
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,8 @@ def work(tmp_path_factory):
 
 @pytest.mark.parametrize("script,name,extra", [
     (expert_count, "expert_count", ["--wide", "2", "--at_steps", "2"]), (capacity_factor, "capacity_factor", []),
-    (sparse_vs_dense, "sparse_vs_dense", ["--target_step", "2"]), (init_scale, "init_scale", [])])
+    (sparse_vs_dense, "sparse_vs_dense", ["--target_step", "2"]), (init_scale, "init_scale", []),
+    (adam_moments, "adam_moments", [])])
 def test_script_quick_mode(script, name, extra, work):
   out = work / "results"
   script.main(["--quick", "--out", str(out), "--work_dir", str(work / "runs"), *extra])

@@ -89,3 +89,14 @@ def test_plan_rejects_a_mesh_the_experts_do_not_fit():
   model, train = gin_config.load(["switch_base_8"], ["TrainConfig.batch_size=64"])
   with pytest.raises(ValueError, match="experts"):
     plan(model, train, {"data": 4, "expert": 16, "model": 1})
+
+
+def test_plan_counts_adamw_moments_in_their_dtype():
+  """AdamW keeps two moments per parameter: 2x the float32 parameters' bytes, or 1x stored in bfloat16."""
+  from switchx import gin_config
+  from switchx.parallel.plan import plan
+  for dtype, ratio in (("float32", 2.0), ("bfloat16", 1.0)):
+    model, train = gin_config.load(["switch_base_8"], ["TrainConfig.batch_size=64", "TrainConfig.optimizer='adamw'",
+                                                       f"TrainConfig.adam_moments_dtype='{dtype}'"])
+    result = plan(model, train, {"data": 4, "expert": 8, "model": 1})
+    assert result["optimizer_bytes"] == pytest.approx(ratio * result["params_bytes"], rel=1e-6), dtype

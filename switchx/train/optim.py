@@ -44,8 +44,10 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
 
 def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float = 1e-8) -> optax.GradientTransformation:
   """optax.scale_by_adam with both moments stored in `dtype` (bfloat16: 8 instead of 12 bytes of training
-  state per parameter with the float32 parameters). Each step reads the moments, updates them and computes the
-  update in float32, and rounds only what it stores; the state is optax's ScaleByAdamState."""
+  state per parameter with the float32 parameters). Each step reads the moments, updates them in float32,
+  stores them rounded, and computes the update from the stored values; the state is optax's ScaleByAdamState.
+  (Computing the update from the unrounded float32 moments instead made XLA's CPU backend materialise them:
+  +0.5 bytes per parameter of step temporaries and a 15% slower 512-expert step.)"""
   f32 = lambda x: x.astype(jnp.float32)
 
   def init(params):
@@ -55,14 +57,15 @@ def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float = 1e-8) -> o
   def update(grads, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    mu = jax.tree_util.tree_map(lambda m, g: b1 * f32(m) + (1 - b1) * f32(g), state.mu, grads)
-    nu = jax.tree_util.tree_map(lambda v, g: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), state.nu, grads)
+    mu = jax.tree_util.tree_map(lambda m, g: (b1 * f32(m) + (1 - b1) * f32(g)).astype(dtype), state.mu, grads)
+    nu = jax.tree_util.tree_map(lambda v, g: (b2 * f32(v) + (1 - b2) * jnp.square(f32(g))).astype(dtype),
+                                state.nu, grads)
     step = count.astype(jnp.float32)
     mu_correction, nu_correction = 1 - b1 ** step, 1 - b2 ** step
     updates = jax.tree_util.tree_map(
-        lambda m, v, g: ((m / mu_correction) / (jnp.sqrt(v / nu_correction) + eps)).astype(g.dtype), mu, nu, grads)
-    store = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
-    return updates, optax.ScaleByAdamState(count=count, mu=store(mu), nu=store(nu))
+        lambda m, v, g: ((f32(m) / mu_correction) / (jnp.sqrt(f32(v) / nu_correction) + eps)).astype(g.dtype),
+        mu, nu, grads)
+    return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init, update)
 
