@@ -261,9 +261,9 @@ def test_adam_moments_stored_in_float32_equal_optax_and_in_bfloat16_follow_it():
 
 
 def test_bfloat16_adam_moments_config_is_checked():
-  TrainConfig(optimizer="adamw", adam_moments_dtype="bfloat16", adam_b2=0.98)
-  with pytest.raises(ValueError, match="adam_b2 <= 0.984"):         # 0.999 would freeze the second moment
-    TrainConfig(optimizer="adamw", adam_moments_dtype="bfloat16", adam_b2=0.999)
+  TrainConfig(optimizer="adamw", adam_moments_dtype="bfloat16", adam_b2=0.999)
+  with pytest.raises(ValueError, match="adam_b2 <= 0.999"):         # the second moment's noise would pass ~5%
+    TrainConfig(optimizer="adamw", adam_moments_dtype="bfloat16", adam_b2=0.9999)
   with pytest.raises(ValueError, match="optimizer='adamw' only"):
     TrainConfig(optimizer="adafactor", adam_moments_dtype="bfloat16")
   with pytest.raises(ValueError, match="adam_moments_dtype"):
@@ -319,3 +319,25 @@ def test_train_step_compiled_ahead_of_time_is_the_one_that_runs_and_equals_jit()
   half = {k: v[:2] for k, v in batch.items()}    # another shape: jit compiles it (the mesh has one device)
   ahead.train_step(states["ahead"], ahead.shard_batch(half), rng)
   assert ahead._train_step._cache_size() == 1
+
+
+def test_stochastic_rounding_is_unbiased_and_keeps_a_bfloat16_moving_average_moving():
+  """Round to nearest loses every change below half a bfloat16 step: an average with b2 = 0.98 that should go
+  from 1.0 to 0.9 sticks at 0.996 (0.98 * 0.996 + 0.02 * 0.9 = 0.9942 rounds back up to 0.996, a step of
+  2^-8 below 1). Rounding stochastically, the stored value is x on average, so the average gets there."""
+  from switchx.train.optim import round_stochastically
+  x = jnp.asarray(np.random.RandomState(0).uniform(1, 2, 100_000), jnp.float32)
+  rounded = round_stochastically(x, jnp.int32(3))
+  assert rounded.dtype == jnp.bfloat16
+  error = np.asarray(rounded.astype(jnp.float32) - x)
+  step = 2.0 ** -7                                                    # bfloat16's spacing in [1, 2)
+  assert np.abs(error).max() < step and abs(error.mean()) < 0.01 * step   # within one step, unbiased
+  assert np.mean(error > 0) == pytest.approx(0.5, abs=0.02)           # up or down, by distance
+  exact = jnp.asarray([0.0, -1.5, 3.0, 2.0 ** -20, jnp.inf, -jnp.inf], jnp.float32)  # bfloat16 values stay
+  np.testing.assert_array_equal(np.asarray(round_stochastically(exact, jnp.int32(1)), np.float32), exact)
+  nearest = stochastic = jnp.ones(10_000, jnp.bfloat16)
+  for t in range(1, 400):
+    nearest = (0.98 * nearest.astype(jnp.float32) + 0.02 * 0.9).astype(jnp.bfloat16)
+    stochastic = round_stochastically(0.98 * stochastic.astype(jnp.float32) + 0.02 * 0.9, jnp.int32(t))
+  assert float(nearest.astype(jnp.float32).mean()) == 1 - 2.0 ** -8
+  assert abs(float(stochastic.astype(jnp.float32).mean()) - 0.9) < 0.005
