@@ -73,6 +73,37 @@ def test_cached_greedy_equals_full_recompute(greedy, name):
   assert len(np.unique(tokens)) > 2                                          # not a degenerate constant output
 
 
+def test_bfloat16_decoding_keeps_an_exact_float32_self_cache_on_cpu():
+  """A bfloat16 model decodes over a float32 self-attention cache on the CPU (attention.self_cache_dtype): it
+  holds the bfloat16 keys and values exactly, and the cached greedy decode still equals the full recompute."""
+  from switchx.decode import _start
+  from switchx.models.encoder_decoder import EncoderDecoder
+  config = decoding_config(CONFIGS["sparse"].replace(dtype="bfloat16"))
+  params, enc = _params(config), _encoder_tokens()
+  @jax.jit
+  def two_steps(params, enc):
+    cache, step = _start(EncoderDecoder(config), params, enc, LENGTH)
+    for token in (5, 9):
+      _, cache = step(cache, jnp.full((enc.shape[0],), token, jnp.int32))
+    return cache
+  cache = two_steps(params, enc)
+  selfs = [v for path, v in jax.tree_util.tree_flatten_with_path(cache)[0]
+           if "self_attention" in jax.tree_util.keystr(path) and v.ndim == 4]
+  assert len(selfs) == 2 * config.num_decoder_layers                         # keys and values of each layer
+  for kv in selfs:                                                           # [B, H, Dh, L]
+    kv = np.asarray(kv)
+    assert kv.dtype == np.float32
+    np.testing.assert_array_equal(kv, np.asarray(jnp.asarray(kv).astype(jnp.bfloat16).astype(jnp.float32)))
+    assert (kv[..., :2] != 0).any() and (kv[..., 2:] == 0).all()             # two steps written, in order
+  result = generate(config, params, enc, DecodeConfig(max_decode_length=LENGTH), return_logits=True)
+  tokens, logits = _recompute_greedy(config, params, enc, LENGTH)
+  np.testing.assert_array_equal(np.asarray(result.tokens), tokens)
+  # bfloat16 roundings in a different order (one query against L): within ~one bfloat16 step of the largest
+  # logits (|logit| < 4 here, step 2**-6 = 0.016); measured 0.007.
+  assert np.abs(logits).max() < 4
+  np.testing.assert_allclose(np.asarray(result.logits), logits, atol=2e-2, rtol=0)
+
+
 def test_capacity_binding_cached_vs_full_recompute():
   """With the eval capacity kept (moe_routing="eval_capacity") routing groups differ: a cached step routes the
   batch's B current tokens as one group, a full recompute routes all B * (t + 1) tokens of the prefixes.
