@@ -114,10 +114,13 @@ def hf_capacity(config: ModelConfig, inputs_length: int) -> int:
 
 # --- case 4: greedy decoding ---------------------------------------------------------------------------------
 def decode_programs(config: ModelConfig, encoder_tokens: np.ndarray, max_new_tokens: int, workdir: str):
-  """-> (switchx step, transformers step): both greedily decode the same model (switchx's random init exported
-  to transformers with export_hf) for `max_new_tokens` tokens per row, with their KV caches. transformers is
-  told not to stop early (min_new_tokens); switchx stops only when every row has produced EOS, which a random
-  model does not do (the benchmark checks the tokens it produced)."""
+  """-> ({name: step}, produced): switchx and transformers greedily decode the same model (switchx's random init
+  exported to transformers with export_hf) for `max_new_tokens` tokens per row, with their KV caches.
+  "switchx" decodes from the float32 parameters (cast to the model's dtype inside each call); where that dtype
+  is not float32, "switchx serving" also decodes from decode.serving_params (the weights cast once, before
+  timing, as `switchx decode` does). transformers is told not to stop early (min_new_tokens); switchx stops only
+  when every row has produced EOS, which a random model does not do (the benchmark checks the tokens it
+  produced: produced[name] after a step has run)."""
   import torch
   import transformers
 
@@ -136,9 +139,11 @@ def decode_programs(config: ModelConfig, encoder_tokens: np.ndarray, max_new_tok
   settings = DecodeConfig(strategy="greedy", max_decode_length=max_new_tokens)
   produced = {}
 
-  def ours():
-    result = decode.generate(config, params, encoder_tokens, settings)
-    produced["switchx"] = np.asarray(jax.block_until_ready(result.tokens))
+  def ours(name, weights):
+    def step():
+      result = decode.generate(config, weights, encoder_tokens, settings)
+      produced[name] = np.asarray(jax.block_until_ready(result.tokens))
+    return step
 
   def hf():
     with torch.no_grad():
@@ -146,7 +151,10 @@ def decode_programs(config: ModelConfig, encoder_tokens: np.ndarray, max_new_tok
                                                  num_beams=1, max_new_tokens=max_new_tokens,
                                                  min_new_tokens=max_new_tokens).numpy()
 
-  return ours, hf, produced
+  steps = {"switchx": ours("switchx", params)}
+  if config.dtype != "float32":
+    steps["switchx serving"] = ours("switchx serving", decode.serving_params(config, params))
+  return steps | {"transformers": hf}, produced
 
 
 # --- a phase profile: where a training step's time goes --------------------------------------------------------

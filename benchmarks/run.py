@@ -87,8 +87,13 @@ def case_switch_vs_dense(experts: int, dtype: str, quick: bool, rounds: int, rep
           "switch_ms": 1000 * statistics.median(times["switch"]), "dense_ms": 1000 * statistics.median(times["dense"])}
 
 
-def case_decode(experts: int, dtype: str, quick: bool, rounds: int, repeats: int) -> dict:
-  """Greedy decoding with the KV cache: batch 8, 128 encoder tokens, 32 generated tokens per row."""
+WEIGHTS = {"float32": "float32, cast in each call", "serving_params": "cast once (serving_params)"}
+
+
+def case_decode(experts: int, dtype: str, quick: bool, rounds: int, repeats: int) -> list[dict]:
+  """Greedy decoding with the KV cache: batch 8, 128 encoder tokens, 32 generated tokens per row. One row per
+  switchx program (float32 parameters; in bfloat16 also serving_params' weights cast once), each against the
+  transformers times of the same alternation."""
   import tempfile
 
   import torch
@@ -98,20 +103,23 @@ def case_decode(experts: int, dtype: str, quick: bool, rounds: int, repeats: int
   batch, inputs_length, new_tokens = BATCH[0], BATCH[1], 8 if quick else BATCH[2]
   encoder_tokens = programs.batch(config, batch, inputs_length, 1)["encoder_input_tokens"]
   with tempfile.TemporaryDirectory() as workdir:
-    ours, theirs, produced = programs.decode_programs(config, encoder_tokens, new_tokens, workdir)
-    times = timing.alternate({"switchx": ours, "transformers": theirs}, rounds, repeats)
-  # switchx stops when every row has produced EOS (id 1) and writes 0 after it: a row's length runs through its
-  # first EOS; the loop ran for the longest row.
-  ours_tokens, hf_tokens = produced["switchx"], produced["transformers"][:, 1:1 + new_tokens]
-  lengths = [int(np.argmax(row == 1)) + 1 if (row == 1).any() else new_tokens for row in ours_tokens]
-  steps = max(lengths)
-  agree = float(np.mean([np.mean(o[:n] == t[:n]) for o, t, n in zip(ours_tokens, hf_tokens, lengths)]))
-  tokens = batch * new_tokens
-  return {"case": 4, "experts": experts, "dtype": dtype, "new_tokens": new_tokens, "switchx_steps": steps,
-          "switchx_tokens_per_s": tokens / statistics.median(times["switchx"]),
-          "transformers_tokens_per_s": tokens / statistics.median(times["transformers"]),
-          "speedup": timing.median_ratio(times, "transformers", "switchx"), "token_agreement": agree,
-          "times": times}
+    steps, produced = programs.decode_programs(config, encoder_tokens, new_tokens, workdir)
+    times = timing.alternate(steps, rounds, repeats)
+  hf_tokens, tokens = produced["transformers"][:, 1:1 + new_tokens], batch * new_tokens
+  rows = []
+  for name in (n for n in steps if n.startswith("switchx")):
+    # switchx stops when every row has produced EOS (id 1) and writes 0 after it: a row's length runs through
+    # its first EOS; the loop ran for the longest row.
+    ours_tokens = produced[name]
+    lengths = [int(np.argmax(row == 1)) + 1 if (row == 1).any() else new_tokens for row in ours_tokens]
+    agree = float(np.mean([np.mean(o[:n] == t[:n]) for o, t, n in zip(ours_tokens, hf_tokens, lengths)]))
+    rows.append({"case": 4, "experts": experts, "dtype": dtype, "new_tokens": new_tokens,
+                 "weights": "serving_params" if name.endswith("serving") else "float32",
+                 "switchx_steps": max(lengths), "switchx_tokens_per_s": tokens / statistics.median(times[name]),
+                 "transformers_tokens_per_s": tokens / statistics.median(times["transformers"]),
+                 "speedup": timing.median_ratio(times, "transformers", name), "token_agreement": agree,
+                 "times": {name: times[name], "transformers": times["transformers"]}})
+  return rows
 
 
 def case_profile(experts: int, quick: bool, rounds: int, repeats: int) -> dict:
@@ -232,9 +240,13 @@ def table(results: list[dict], meta: dict) -> str:
     lines += ["Case 4. Greedy decoding with the KV cache, batch 8 x 128 encoder tokens, same weights in both; "
               "target >= 2x. Agreement = fraction of generated tokens equal to transformers' (float32: ~1; "
               "bfloat16 drifts once a near-tie flips).", "",
-              "| experts | switchx dtype | new tokens | switchx tokens/s | transformers tokens/s | "
-              "switchx / transformers | agreement |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['experts']} | {r['dtype']} | {r['new_tokens']} | {r['switchx_tokens_per_s']:,.0f} | "
+              "switchx's weights: float32 parameters, cast to the dtype inside every call, or cast once "
+              "beforehand (decode.serving_params, as `switchx decode` does); both against the transformers "
+              "times of the same alternation.", "",
+              "| experts | switchx dtype | switchx weights | new tokens | switchx tokens/s | transformers tokens/s | "
+              "switchx / transformers | agreement |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['experts']} | {r['dtype']} | {WEIGHTS[r.get('weights', 'float32')]} | {r['new_tokens']} | "
+              f"{r['switchx_tokens_per_s']:,.0f} | "
               f"{r['transformers_tokens_per_s']:,.0f} | {r['speedup']:.2f}x | {r['token_agreement']:.2f} |"
               for r in four]
     lines.append("")
@@ -350,7 +362,7 @@ def main(argv=None) -> list[dict]:
                                          bandwidth, moments="bfloat16"))
   if 4 in cases:
     for dtype in ((args.dtype,) if args.quick else dtypes):
-      results.append(case_decode(8, dtype, args.quick, rounds, repeats))
+      results.extend(case_decode(8, dtype, args.quick, rounds, repeats))
   if 5 in cases:
     for experts in ((8,) if args.quick else (8, 128)):
       results.append(case_profile(experts, args.quick, rounds, repeats))

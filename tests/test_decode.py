@@ -10,7 +10,7 @@ import pytest
 from conftest import jitted_apply, tiny_switch_config
 from random_params import random_params
 from switchx.config import DecodeConfig
-from switchx.decode import EOS_ID, decoding_config, generate, length_penalty
+from switchx.decode import EOS_ID, decoding_config, generate, length_penalty, serving_params
 
 LENGTH = 6
 # One sparse encoder layer and two decoder layers (a dense one, then a sparse one) keep compiles short and run
@@ -75,7 +75,8 @@ def test_cached_greedy_equals_full_recompute(greedy, name):
 
 def test_bfloat16_decoding_keeps_an_exact_float32_self_cache_on_cpu():
   """A bfloat16 model decodes over a float32 self-attention cache on the CPU (attention.self_cache_dtype): it
-  holds the bfloat16 keys and values exactly, and the cached greedy decode still equals the full recompute."""
+  holds the bfloat16 keys and values exactly, and the cached greedy decode still equals the full recompute;
+  with serving_params' bfloat16 weights it decodes exactly as from float32 parameters."""
   from switchx.decode import _start
   from switchx.models.encoder_decoder import EncoderDecoder
   config = decoding_config(CONFIGS["sparse"].replace(dtype="bfloat16"))
@@ -98,6 +99,19 @@ def test_bfloat16_decoding_keeps_an_exact_float32_self_cache_on_cpu():
   result = generate(config, params, enc, DecodeConfig(max_decode_length=LENGTH), return_logits=True)
   tokens, logits = _recompute_greedy(config, params, enc, LENGTH)
   np.testing.assert_array_equal(np.asarray(result.tokens), tokens)
+  # Weights cast once (serving_params) decode exactly as float32 parameters cast inside every call.
+  served = serving_params(config, params)
+  dtypes = {}                                                                # last key -> dtypes
+  for path, x in jax.tree_util.tree_flatten_with_path(served)[0]:
+    dtypes.setdefault(path[-1].key, set()).add(str(x.dtype))
+  assert set(dtypes) == {"kernel", "embedding", "wi_0", "wi_1", "wo", "router", "scale", "rel_embedding"}  # gated
+  assert all(dtypes[k] == {"bfloat16"} for k in ("kernel", "embedding", "wi_0", "wi_1", "wo"))
+  assert all(dtypes[k] == {"float32"} for k in ("router", "scale", "rel_embedding"))
+  again = generate(config, served, enc, DecodeConfig(max_decode_length=LENGTH), return_logits=True)
+  for a, b in zip(again, result):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(serving_params(CONFIGS["sparse"], params)),
+                                     jax.tree_util.tree_leaves(params)))          # float32 model: unchanged
   # bfloat16 roundings in a different order (one query against L): within ~one bfloat16 step of the largest
   # logits (|logit| < 4 here, step 2**-6 = 0.016); measured 0.007.
   assert np.abs(logits).max() < 4
