@@ -248,9 +248,11 @@ def generate(config: ModelConfig, params, encoder_input_tokens, decode_config: D
              rng: jax.Array | None = None, return_logits: bool = False) -> DecodeResult:
   """Decodes every row of encoder_input_tokens [B, Le] (ids, 0 = padding) as decode_config says.
 
-  `config` is the model's own config (decoding_config derives the routing from it). rng: sampling's random
-  stream (default: PRNGKey(decode_config.seed)). return_logits: also each step's logits [B, L, V] (greedy and
-  sampling; rows that have finished keep stepping on 0 tokens, and their logits are kept as computed).
+  `config` is the model's own config (decoding_config derives the routing from it). `params`: the float32
+  parameters (cast to config.dtype inside each call) or serving_params(config, params) (cast once, for many
+  calls; the same results). rng: sampling's random stream (default: PRNGKey(decode_config.seed)).
+  return_logits: also each step's logits [B, L, V] (greedy and sampling; rows that have finished keep stepping
+  on 0 tokens, and their logits are kept as computed).
   """
   dc = decode_config
   tokens = np.asarray(encoder_input_tokens)
