@@ -87,7 +87,7 @@ def case_switch_vs_dense(experts: int, dtype: str, quick: bool, rounds: int, rep
           "switch_ms": 1000 * statistics.median(times["switch"]), "dense_ms": 1000 * statistics.median(times["dense"])}
 
 
-WEIGHTS = {"float32": "float32, cast in each call", "serving_params": "cast once (serving_params)"}
+WEIGHTS = {"float32": "float32, cast in each call", "serving_params": "serving_params, made once"}
 
 
 def case_decode(experts: int, dtype: str, quick: bool, rounds: int, repeats: int) -> list[dict]:
@@ -240,9 +240,10 @@ def table(results: list[dict], meta: dict) -> str:
     lines += ["Case 4. Greedy decoding with the KV cache, batch 8 x 128 encoder tokens, same weights in both; "
               "target >= 2x. Agreement = fraction of generated tokens equal to transformers' (float32: ~1; "
               "bfloat16 drifts once a near-tie flips).", "",
-              "switchx's weights: float32 parameters, cast to the dtype inside every call, or cast once "
-              "beforehand (decode.serving_params, as `switchx decode` does); both against the transformers "
-              "times of the same alternation.", "",
+              "switchx's weights: float32 parameters, cast to the dtype inside every call, or "
+              "decode.serving_params made once beforehand, as `switchx decode` does (matmul weights cast to the "
+              "dtype, the tied logits' table transposed, the embedding kept float32 for the lookup); both against "
+              "the transformers times of the same alternation.", "",
               "| experts | switchx dtype | switchx weights | new tokens | switchx tokens/s | transformers tokens/s | "
               "switchx / transformers | agreement |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['experts']} | {r['dtype']} | {WEIGHTS[r.get('weights', 'float32')]} | {r['new_tokens']} | "

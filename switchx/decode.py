@@ -66,20 +66,27 @@ def decoding_config(config: ModelConfig, moe_routing: str = "no_drop") -> ModelC
 
 # Parameters the model multiplies in its activation dtype (cast inside every call); the rest (routers, layer norm
 # scales, relative position tables) it computes with in float32.
-_MATMUL_WEIGHTS = ("kernel", "embedding")
+_MATMUL_WEIGHTS = ("kernel",)
 _EXPERT_WEIGHTS = ("wi", "wi_0", "wi_1", "wo")
 
 
 def serving_params(config: ModelConfig, params):
-  """`params` with every weight that decoding multiplies in the model's dtype stored in that dtype, cast once
-  here instead of inside every generate call (as t5x restores inference checkpoints in bfloat16, or
-  transformers' torch_dtype). Routers, layer norm scales and relative position tables stay float32, as the
-  model computes with them, and expert weights keep the dtype the experts compute in (MoeConfig.expert_dtype):
+  """`params` laid out for decoding: every weight that decoding multiplies in the model's dtype stored in that
+  dtype, cast once here instead of inside every generate call (as t5x restores inference checkpoints in
+  bfloat16, or transformers' torch_dtype). Routers, layer norm scales and relative position tables stay float32,
+  as the model computes with them, and expert weights keep the dtype the experts compute in
+  (MoeConfig.expert_dtype). The token embedding stays float32 (decoding gathers rows from it and casts the
+  rows: XLA's CPU backend would convert a whole bfloat16 table to float32 to gather from it, in every call);
+  with tied logits, `token_embedder/logits_kernel` holds the table transposed, [D, V] in the model's dtype, which
+  Embed.attend multiplies instead (without it XLA writes a transposed copy of the table in every call).
   generate(config, serving_params(config, params), ...) returns exactly what generate(config, params, ...)
-  does. A float32 model's parameters come back unchanged. Measured on benchmarks case 4 (bfloat16, 8 experts,
-  2-core CPU): 1.02-1.08x faster greedy decoding, the casts (a bfloat16 copy of every weight, each call) gone."""
+  does. A float32 model's parameters come back unchanged (there the transposed table measured no faster).
+  Measured on benchmarks case 4 (bfloat16, 8 experts, 2-core Xeon): greedy decoding 1.16-1.21x faster than from
+  float32 parameters, 2.21-2.25x transformers' generate (benchmarks/README.md)."""
   from switchx.moe.layer import expert_compute_dtype
   dtype = jnp.dtype(config.dtype)
+  if dtype == jnp.float32:
+    return params
   expert_dtype = expert_compute_dtype(config.moe.expert_dtype, dtype, 1, train=False)
 
   def cast(path, x):
@@ -91,7 +98,12 @@ def serving_params(config: ModelConfig, params):
       return x.astype(expert_dtype)
     return x
 
-  return jax.tree_util.tree_map_with_path(cast, params)
+  served = jax.tree_util.tree_map_with_path(cast, params)
+  if config.logits_via_embedding:
+    embedder = dict(served["token_embedder"])
+    embedder["logits_kernel"] = jnp.asarray(embedder["embedding"]).T.astype(dtype)   # [D, V]
+    served = {**served, "token_embedder": embedder}
+  return served
 
 
 def length_penalty(length, alpha):

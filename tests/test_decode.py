@@ -75,8 +75,7 @@ def test_cached_greedy_equals_full_recompute(greedy, name):
 
 def test_bfloat16_decoding_keeps_an_exact_float32_self_cache_on_cpu():
   """A bfloat16 model decodes over a float32 self-attention cache on the CPU (attention.self_cache_dtype): it
-  holds the bfloat16 keys and values exactly, and the cached greedy decode still equals the full recompute;
-  with serving_params' bfloat16 weights it decodes exactly as from float32 parameters."""
+  holds the bfloat16 keys and values exactly, and the cached greedy decode still equals the full recompute."""
   from switchx.decode import _start
   from switchx.models.encoder_decoder import EncoderDecoder
   config = decoding_config(CONFIGS["sparse"].replace(dtype="bfloat16"))
@@ -99,17 +98,6 @@ def test_bfloat16_decoding_keeps_an_exact_float32_self_cache_on_cpu():
   result = generate(config, params, enc, DecodeConfig(max_decode_length=LENGTH), return_logits=True)
   tokens, logits = _recompute_greedy(config, params, enc, LENGTH)
   np.testing.assert_array_equal(np.asarray(result.tokens), tokens)
-  # Weights cast once (serving_params) decode exactly as float32 parameters cast inside every call.
-  served = serving_params(config, params)
-  dtypes = {}                                                                # last key -> dtypes
-  for path, x in jax.tree_util.tree_flatten_with_path(served)[0]:
-    dtypes.setdefault(path[-1].key, set()).add(str(x.dtype))
-  assert set(dtypes) == {"kernel", "embedding", "wi_0", "wi_1", "wo", "router", "scale", "rel_embedding"}  # gated
-  assert all(dtypes[k] == {"bfloat16"} for k in ("kernel", "embedding", "wi_0", "wi_1", "wo"))
-  assert all(dtypes[k] == {"float32"} for k in ("router", "scale", "rel_embedding"))
-  again = generate(config, served, enc, DecodeConfig(max_decode_length=LENGTH), return_logits=True)
-  for a, b in zip(again, result):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(serving_params(CONFIGS["sparse"], params)),
                                      jax.tree_util.tree_leaves(params)))          # float32 model: unchanged
   # bfloat16 roundings in a different order (one query against L): within ~one bfloat16 step of the largest
@@ -239,3 +227,36 @@ def test_argmax_equals_jnp_argmax_with_ties_infinities_and_nan():
     x = rng.randint(0, 4, (3, 9)).astype(np.float32)                         # many ties
     x[rng.randint(3), rng.randint(9)] = rng.choice([np.nan, -np.inf, np.inf])
     np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_serving_params_decode_exactly_as_float32_parameters(tied):
+  """serving_params' weights (bfloat16 kernels, float32 routers / scales / position tables / token embedding,
+  and with tied logits the table transposed in bfloat16) decode exactly as the float32 parameters cast inside
+  every call: the same tokens, scores and logits."""
+  config = decoding_config(CONFIGS["sparse"].replace(dtype="bfloat16", logits_via_embedding=tied))
+  params, enc = _params(config), _encoder_tokens()
+  if tied:  # a random tied model repeats its input token: the start token's row zero, each row starts elsewhere
+    params["token_embedder"]["embedding"] = params["token_embedder"]["embedding"].at[0].set(0)
+  settings = DecodeConfig(max_decode_length=LENGTH)
+  served = serving_params(config, params)
+  dtypes = {}                                                                # last key -> dtypes
+  for path, x in jax.tree_util.tree_flatten_with_path(served)[0]:
+    dtypes.setdefault(path[-1].key, set()).add(str(x.dtype))
+  expected = {"kernel", "embedding", "wi_0", "wi_1", "wo", "router", "scale", "rel_embedding"}   # gated experts
+  assert set(dtypes) == expected | ({"logits_kernel"} if tied else set())
+  assert all(dtypes[k] == {"bfloat16"} for k in ("kernel", "wi_0", "wi_1", "wo") + (("logits_kernel",) if tied else ()))
+  assert all(dtypes[k] == {"float32"} for k in ("embedding", "router", "scale", "rel_embedding"))
+  if tied:
+    embedder = served["token_embedder"]
+    np.testing.assert_array_equal(np.asarray(embedder["logits_kernel"]),
+                                  np.asarray(embedder["embedding"].astype(jnp.bfloat16)).T)
+  result = generate(config, params, enc, settings, return_logits=True)
+  again = generate(config, served, enc, settings, return_logits=True)
+  assert len(np.unique(np.asarray(result.tokens))) > 2                       # not a degenerate constant output
+  for a, b in zip(again, result):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if tied:  # the logits come from logits_kernel (the table itself is only gathered from)
+    zeroed = {**served, "token_embedder": {**served["token_embedder"],
+                                           "logits_kernel": jnp.zeros_like(served["token_embedder"]["logits_kernel"])}}
+    assert not np.asarray(generate(config, zeroed, enc, settings, return_logits=True).logits).any()

@@ -104,5 +104,10 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)  # [B, L, D]
 
   def attend(self, x: jax.Array) -> jax.Array:
-    """Tied output logits [B, L, V], in float32."""
+    """Tied output logits [B, L, V], in float32. Serving parameters (decode.serving_params) may carry the table
+    transposed beside it, `logits_kernel` [D, V] in the model's dtype: the same product, but XLA's CPU backend
+    no longer writes a transposed copy of the table in every call to put it in its dot's layout."""
+    if self.has_variable("params", "logits_kernel"):
+      kernel = self.get_variable("params", "logits_kernel")                  # [D, V]
+      return matmul("bld,dv->blv", x, kernel, self.dtype, jnp.float32)
     return matmul("bld,vd->blv", x, self.embedding, self.dtype, jnp.float32)
