@@ -21,7 +21,7 @@ demo: $(VENV)/.installed-core
 	$(BIN)/switchx demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.run

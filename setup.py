@@ -26,7 +26,7 @@ EXTRAS = {
     # transformers' PyTorch Switch / T5 for checkpoint conversion and parity tests (CPU torch build).
     "interop": ["torch==2.13.0", "transformers==5.24.0"],
     "notebooks": ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
-    "test": ["pytest==9.2.0", "hypothesis==6.170.17"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.17"],
 }
 
 setup(
