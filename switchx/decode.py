@@ -65,7 +65,8 @@ def decoding_config(config: ModelConfig, moe_routing: str = "no_drop") -> ModelC
 
 
 # Parameters the model multiplies in its activation dtype (cast inside every call); the rest (routers, layer norm
-# scales, relative position tables) it computes with in float32.
+# scales, relative position tables) it computes with in float32. The token embedding is handled apart
+# (serving_params: kept float32 for the lookup, transposed into logits_kernel when the logits are tied).
 _MATMUL_WEIGHTS = ("kernel",)
 _EXPERT_WEIGHTS = ("wi", "wi_0", "wi_1", "wo")
 
