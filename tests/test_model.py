@@ -159,6 +159,35 @@ def test_bfloat16_matmul_to_float32_differentiates_in_bfloat16(equation, shapes)
   assert all("bf16" in lhs and "bf16" in rhs for lhs, rhs in operand_types), operand_types
 
 
+@pytest.mark.parametrize("equation,shapes", [("abc,cde->abde", ((2, 3, 8), (8, 2, 4))),            # a projection
+                                             ("bhqk,bhdk->bqhd", ((2, 2, 3, 5), (2, 2, 4, 5)))])  # attention
+def test_bfloat16_matmul_gradients_are_autodiffs_with_bfloat16_backward_products(equation, shapes):
+  """matmul with bfloat16 operands and a bfloat16 result (every layer's product): the cotangent of a bfloat16
+  result holds bfloat16 values, so rounding it is exact and the gradients are plain autodiff's (up to the order
+  of float32 summation before the same bfloat16 rounding), while both backward products run on bfloat16
+  operands where autodiff upcasts them to float32."""
+  from switchx.nn.linear import matmul
+  rng = np.random.RandomState(0)
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes)
+  out_shape = jax.eval_shape(lambda a, b: jnp.einsum(equation, a, b), a, b).shape
+  weights = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  bf16 = jnp.bfloat16
+  ours = lambda a, b: matmul(equation, a, b, bf16)
+  autodiff = lambda a, b: jnp.einsum(equation, a.astype(bf16), b.astype(bf16),
+                                     preferred_element_type=jnp.float32).astype(bf16)
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b).astype(jnp.float32)) * weights)
+  (v1, g1), (v2, g2) = (jax.value_and_grad(loss(f), argnums=(0, 1))(a, b) for f in (ours, autodiff))
+  assert ours(a, b).dtype == bf16 and float(v1) == float(v2)
+  for mine, theirs in zip(g1, g2):
+    assert mine.dtype == jnp.float32
+    np.testing.assert_allclose(mine, theirs, rtol=2.0 ** -8)                # one bfloat16 rounding step
+  dot_operands = lambda f: re.findall(r"stablehlo\.dot_general.*: \((tensor<[^>]*>), (tensor<[^>]*>)\)",
+                                      jax.jit(jax.grad(loss(f), argnums=(0, 1))).lower(a, b).as_text())
+  assert len(dot_operands(ours)) == 3                                     # forward and two backward products
+  assert all("bf16" in lhs and "bf16" in rhs for lhs, rhs in dot_operands(ours)), dot_operands(ours)
+  assert any("f32" in lhs + rhs for lhs, rhs in dot_operands(autodiff))    # what the custom backward avoids
+
+
 def test_init_scale_sets_kernel_std():
   config = tiny_config(d_model=256, d_ff=256, num_heads=4, head_dim=64, init_scale=0.1)
   _, params = _init(config)
