@@ -341,3 +341,24 @@ def test_stochastic_rounding_is_unbiased_and_keeps_a_bfloat16_moving_average_mov
     stochastic = round_stochastically(0.98 * stochastic.astype(jnp.float32) + 0.02 * 0.9, jnp.int32(t))
   assert float(nearest.astype(jnp.float32).mean()) == 1 - 2.0 ** -8
   assert abs(float(stochastic.astype(jnp.float32).mean()) - 0.9) < 0.005
+
+
+def test_cross_entropy_on_a_hand_worked_batch():
+  """losses.cross_entropy's three sums: -log softmax at the target, the z-loss (coef * log Z^2) and the correct
+  predictions (the target's logit the largest), each weighted, so a zero weight drops a token; on random
+  logits (no ties) the count is argmax's."""
+  from switchx.losses import cross_entropy
+  logits = np.array([[[2.0, 0.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 5.0], [4.0, 0.0, 0.0]]], np.float32)
+  targets = np.array([[0, 2, 2, 1]])
+  weights = np.array([[1.0, 1.0, 1.0, 0.0]], np.float32)
+  ce, z, correct = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), 0.5)
+  log_z = np.log(np.exp(logits[0].astype(np.float64)).sum(-1))                 # [4]
+  assert float(ce) == pytest.approx((log_z[0] - 2) + (log_z[1] - 1) + (log_z[2] - 5), rel=1e-6)
+  assert float(z) == pytest.approx(0.5 * (log_z[:3] ** 2).sum(), rel=1e-6)
+  assert float(correct) == 2.0                                # tokens 0 and 2; token 1 is wrong, token 3 dropped
+
+  rng = np.random.RandomState(0)
+  logits, targets = rng.normal(size=(4, 16, 50)).astype(np.float32), rng.randint(0, 50, (4, 16))
+  targets[:, :8] = logits[:, :8].argmax(-1)                   # half the tokens right
+  _, _, correct = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.ones((4, 16), jnp.float32))
+  assert float(correct) == float((logits.argmax(-1) == targets).sum()) >= 32
