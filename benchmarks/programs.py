@@ -50,7 +50,8 @@ def switchx_step(config: ModelConfig, host_batch: dict, optimizer: str = "adamw"
   """-> (step, number of parameters). The state is donated each step, as in `switchx train`. optimizer: a
   TrainConfig.optimizer, or "sgd" (plain optax.sgd, no state: the baseline that shows what AdamW costs);
   moments: TrainConfig.adam_moments_dtype.
-  `step.lowered()` is the step lowered for its inputs (compile it for XLA's memory analysis or HLO)."""
+  `step.lowered()` is the step lowered for its inputs (compile it for its HLO); `step.compiled()` the executable
+  the step runs (for XLA's memory analysis)."""
   train = TrainConfig(optimizer="adamw" if optimizer == "sgd" else optimizer, learning_rate=1e-4,
                       schedule="constant", warmup_steps=0, batch_size=len(host_batch["encoder_input_tokens"]),
                       adam_moments_dtype=moments)
@@ -66,6 +67,7 @@ def switchx_step(config: ModelConfig, host_batch: dict, optimizer: str = "adamw"
     jax.block_until_ready(metrics["loss"])
 
   step.lowered = lambda: run.lower_train_step(holder["state"], device_batch, rng)
+  step.compiled = lambda: run.compiled_train_step   # the executable `step` runs
   num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(holder["state"].params))
   return step, num_params
 

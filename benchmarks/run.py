@@ -157,9 +157,11 @@ def case_optimizer_share(model: str, dtype: str, quick: bool, rounds: int, repea
           "extra_floor_ms": 1000 * 4 * MOMENT_BYTES[moments] * num_params / bandwidth, "times": times}
 
 
-def peak_memory(config_args: dict, batch: tuple, moments: str = "float32") -> dict:
-  """Runs benchmarks.memory in a fresh process (peak RSS is per process)."""
-  payload = json.dumps({"config": config_args, "batch": batch, "moments": moments})
+def step_in_fresh_process(config_args: dict, batch: tuple, rounds: int, repeats: int,
+                          moments: str = "float32") -> dict:
+  """Runs benchmarks.memory in a fresh process (peak RSS is per process): step time and memory."""
+  payload = json.dumps({"config": config_args, "batch": batch, "moments": moments, "rounds": rounds,
+                        "repeats": repeats})
   out = subprocess.run([sys.executable, "-m", "benchmarks.memory", payload], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parent.parent, check=True).stdout
   return json.loads(out.strip().splitlines()[-1])
@@ -171,21 +173,19 @@ def case_expert_scaling(experts: int, dispatch: str, dtype: str, quick: bool, ro
   moments' dtype (TrainConfig.adam_moments_dtype)."""
   size = dict(QUICK_SIZE) if quick else dict(CASE3_SIZE)
   config_args = dict(num_experts=experts, dtype=dtype, dispatch=dispatch, **size)
-  config = programs.case1_config(**config_args)
-  host = programs.batch(config, *BATCH)
-  step, num_params = programs.switchx_step(config, host, moments=moments)
-  times = timing.alternate({"step": step}, rounds, repeats)
-  step_s = statistics.median(times["step"])
+  # One program per row, timed in the process that measures its memory (so it compiles once).
+  memory = step_in_fresh_process(config_args, BATCH, rounds, repeats, moments)
+  step_s, num_params = memory["step_s"], memory["params"]
   # AdamW: params read, grads written (4 + 4 bytes), the two moments read and written (4 x 4 in float32).
   floor_bytes = (8 + 4 * MOMENT_BYTES[moments]) * num_params
-  memory = peak_memory(config_args, BATCH, moments)
   return {"case": 3, "experts": experts, "dispatch": dispatch, "dtype": dtype, "moments": moments,
           "params": num_params,
           "step_ms": 1000 * step_s, "floor_ms": 1000 * floor_bytes / bandwidth,
           "floor_ratio": step_s / (floor_bytes / bandwidth),
           "peak_bytes_per_param": memory["peak_bytes"] / num_params,
           "state_bytes_per_param": memory["state_bytes"] / num_params,
-          "xla_temp_bytes_per_param": memory["xla_temp_bytes"] / num_params}
+          "xla_temp_bytes_per_param": memory["xla_temp_bytes"] / num_params,
+          "times": {"step": memory["step_times_s"]}}
 
 
 def table(results: list[dict], meta: dict) -> str:

@@ -82,6 +82,11 @@ class Run:
     self._compiled_train_step = (_shapes(batch_shapes), lowered.compile())
     release_freed_memory()
 
+  @property
+  def compiled_train_step(self):
+    """The executable `compile_train_step` made (None before): e.g. `.memory_analysis()` without compiling again."""
+    return None if self._compiled_train_step is None else self._compiled_train_step[1]
+
   def train_step(self, state, batch, rng):
     if self._compiled_train_step is not None and self._compiled_train_step[0] == _shapes(batch):
       return self._compiled_train_step[1](state, batch, rng)
