@@ -96,8 +96,10 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
   model_dir = Path(work_dir) / f"{name}-seed{seed}"
   if cached.exists():  # the same run made by another script (e.g. sparse_vs_dense reuses expert_count's runs)
     result = json.loads(cached.read_text())
-    if "router_confidence" not in result and (model_dir / "metrics.jsonl").exists():  # a run from before the field
-      result["router_confidence"] = router_confidence(model_dir / "metrics.jsonl")
+    metrics = model_dir / "metrics.jsonl"
+    if "router_confidence_curve" not in result and metrics.exists():  # a run recorded before the fields
+      result["router_confidence"] = router_confidence(metrics)
+      result["router_confidence_curve"] = router_confidence_curves(metrics)
       cached.write_text(json.dumps(result))
     print(f"  {name} seed {seed}: held-out loss {result['final_eval_loss']:.4f} (cached)", flush=True)
     return result
@@ -118,7 +120,8 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
             base["batch_size"] * (base["inputs_length"] + base["targets_length"]) / summary["tokens_per_s"],
             "wall_s": time.perf_counter() - started,
             "flops_per_token": model_stats.flops_per_token(model, base["inputs_length"], base["targets_length"]),
-            "router_confidence": router_confidence(model_dir / "metrics.jsonl"), **counts}
+            "router_confidence": router_confidence(model_dir / "metrics.jsonl"),
+            "router_confidence_curve": router_confidence_curves(model_dir / "metrics.jsonl"), **counts}
   print(f"  {name} seed {seed}: held-out loss {result['final_eval_loss']:.4f}  "
         f"({result['wall_s']:.0f}s, {result['tokens_per_s'] or 0:,.0f} tokens/s)", flush=True)
   cached.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +158,19 @@ def changed_fields(config) -> dict:
     if default is dataclasses.MISSING or value != default:
       changed[field.name] = repr(value)
   return changed
+
+
+def router_confidence_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
+  """{sparse layer: [(step, router confidence)]} over every logged training step: how fast (and whether) the
+  routers specialise. Empty for a dense model."""
+  curves: dict[str, list[tuple[int, float]]] = {}
+  for line in metrics_file.read_text().splitlines():
+    record = json.loads(line)
+    for key, value in record.items():
+      if key.startswith("router/") and key.endswith("/router_confidence"):
+        layer = key.removeprefix("router/").removesuffix("/router_confidence")
+        curves.setdefault(layer, []).append((record["step"], value))
+  return curves
 
 
 def router_confidence(metrics_file: Path) -> dict[str, float]:
@@ -240,11 +256,12 @@ def result_name(name: str, args) -> str:
   return f"{name}_{args.tag}" if getattr(args, "tag", "") else name
 
 
-def write(name: str, out: str, payload: dict, markdown: str, command: str) -> None:
+def write(name: str, out: str, payload: dict, markdown: str, command: str,
+          where: str = "2-core CPU, shared with other work") -> None:
   runs = _runs(payload)
   minutes = sum(r["wall_s"] for r in runs.values()) / 60
   markdown += (f"\n\nCommand: `{command.strip()}`; {len(runs)} training runs, {minutes:.0f} min of training here "
-               "(2-core CPU, shared with other work; a run another script already made counts here too).")
+               f"({where}; a run another script already made counts here too).")
   out_dir = Path(out)
   out_dir.mkdir(parents=True, exist_ok=True)
   payload = {"command": command, **payload}

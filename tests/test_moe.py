@@ -496,3 +496,62 @@ def test_bad_moe_config_names_the_field(make, field):
 
 def test_experts_choose_in_the_encoder_is_fine():
   ModelConfig(encoder_sparse="every:2", moe=MoeConfig(router="experts_choose"))
+
+
+# --- the router learns through the gate: its gradient against finite differences of the float64 oracle ---------
+def _oracle_router_objective(x, mask, p64, weights, *, num_groups, k, cf, activation, balance_coef, z_coef):
+  """sum(y * weights) + balance_coef * load balance + z_coef * router z, all in float64 numpy, written from the
+  paper's formulas (not from switchx): the objective whose router gradient the layer's autodiff must give."""
+  y, _ = oracle_moe(x, mask, p64, activation=activation, num_groups=num_groups, k=k, cf=cf, min_capacity=1)
+  num_experts, size = p64["router"].shape[1], len(x) // num_groups
+  balance, groups_with_tokens, z = 0.0, 0, []
+  for g in range(num_groups):
+    real = mask[g * size:(g + 1) * size]
+    logits = x[g * size:(g + 1) * size][real] @ p64["router"]                 # [S_real, E]
+    if not len(logits):
+      continue
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, -1, kind="stable")[:, :k]
+    f = np.bincount(top.reshape(-1), minlength=num_experts) / len(logits)    # fraction choosing e (all k ranks)
+    balance += num_experts * np.sum(f * probs.mean(0))
+    groups_with_tokens += 1
+    z.extend(np.log(np.exp(logits).sum(-1)) ** 2)
+  return np.sum(y * weights) + balance_coef * balance / groups_with_tokens + z_coef * np.mean(z)
+
+
+@pytest.mark.parametrize("dispatch,k,cf", [("einsum", 1, 1.25), ("index", 1, 1.25), ("index", 2, 1.0),
+                                           ("dropless", 1, 0.0)])
+def test_router_gradient_through_the_gate_equals_finite_differences_of_the_oracle(dispatch, k, cf):
+  """The released recipe's router objective (expert outputs weighted by their gates, balance loss 1e-2, router
+  z-loss 1e-3): the gradient autodiff gives the float32 router kernel equals central finite differences of
+  the float64 numpy oracle, entry by entry. Routing decisions are piecewise constant, so the differences see
+  only the paths through the gates and the router probabilities: exactly what the router learns from. A
+  stop_gradient on the gates, a gate that is not the router probability, or a loss on the wrong logits fails."""
+  balance_coef, z_coef, num_groups = 1e-2, 1e-3, 2
+  config = layer_config("relu", num_experts=4, top_k=k, group_size=12, dispatch=dispatch,
+                        train_capacity_factor=cf, eval_capacity_factor=cf)
+  x, mask = random_inputs(11, batch=2, length=12)
+  params = init_layer(config, x, seed=3)
+  params["router"] = params["router"] * 20.0        # confident, well-separated routing: no near-ties
+  weights = np.random.RandomState(5).normal(size=(24, D_MODEL))
+
+  def objective(router):
+    y, aux, _ = run_layer(config, {**params, "router": router}, x, mask)
+    return (jnp.sum(y.reshape(-1, D_MODEL) * weights) + balance_coef * aux["load_balance_loss"]
+            + z_coef * aux["router_z_loss"])
+
+  grad = np.asarray(jax.grad(objective)(params["router"]), np.float64)       # [D, E]
+  p64 = {"router": np.asarray(params["router"], np.float64),
+         **{n: np.asarray(w, np.float64) for n, w in params["experts"].items()}}
+  x64, mask64 = np.asarray(x, np.float64).reshape(-1, D_MODEL), np.asarray(mask).reshape(-1)
+  reference = functools.partial(_oracle_router_objective, x64, mask64, weights=weights, num_groups=num_groups,
+                                k=k, cf=cf, activation="relu", balance_coef=balance_coef, z_coef=z_coef)
+  eps, expected = 1e-6, np.zeros_like(grad)
+  for i, j in np.ndindex(*grad.shape):
+    plus, minus = dict(p64, router=p64["router"].copy()), dict(p64, router=p64["router"].copy())
+    plus["router"][i, j] += eps
+    minus["router"][i, j] -= eps
+    expected[i, j] = (reference(plus) - reference(minus)) / (2 * eps)
+  assert np.abs(expected).max() > 1e-2                   # the gates carry a real signal to the router
+  np.testing.assert_allclose(grad, expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())

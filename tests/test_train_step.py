@@ -58,7 +58,8 @@ def test_switch_model_learns_copy_task_with_balanced_routing():
 
 def test_switch_layer_learns_to_route_separable_problems_and_beats_its_dense_twin():
   """Inputs from E clusters, each mapped by its own random ReLU network: routing by cluster is learnable and
-  pays. A Switch layer (E experts of width F, top-1, T5's Adafactor as in training) must learn it: each cluster
+  pays. A Switch layer (E experts of width F, top-1, float32 router, init scale 0.1, balance loss 1e-2, router
+  z-loss 1e-3, T5's Adafactor: the released recipe) must learn it: each cluster
   sent to one expert, confident routers, and a lower error than a dense FFN of width F (the same FLOPs).
   Measured: router confidence 0.83, error 0.017 vs 0.040 after 1,000 steps (at 300 steps, before the routers
   have specialised, Switch is still worse: 0.082 vs 0.048)."""
@@ -106,7 +107,9 @@ def test_switch_layer_learns_to_route_separable_problems_and_beats_its_dense_twi
     def loss(params, key, apply=apply):
       x, y, _ = data(key)
       out, aux = apply(params, x)
-      return jnp.mean((out - y) ** 2) + 0.01 * aux.get("load_balance_loss", 0.0)
+      # The released recipe's router losses: balance 1e-2 and (ST-MoE) router z-loss 1e-3.
+      return (jnp.mean((out - y) ** 2) + 0.01 * aux.get("load_balance_loss", 0.0)
+              + 1e-3 * aux.get("router_z_loss", 0.0))
 
     @jax.jit
     def train(params, opt_state, key, loss=loss):
