@@ -351,6 +351,9 @@ class DataConfig:
   train_split: str = "train"
   eval_split: str = "validation"          # tfds only; other sources hold out eval_fraction of the documents
   eval_fraction: float = 0.02
+  split_seed: int = 0                     # chooses the held-out documents (and so the trained tokenizer and the
+                                          # held-out batches): fixed across training seeds, so seeds compare
+                                          # on one held-out set in one vocabulary
   tokenizer_path: str = ""                # a SentencePiece .model (T5's 32k one); "" trains one on the corpus
   tokenizer_vocab_size: int = 2000        # pieces of the trained tokenizer (100 sentinels are added on top)
   pack: bool = True
@@ -368,6 +371,8 @@ class DataConfig:
             "source='tfds' needs tfds_name and tfds_data_dir (a directory where the dataset was prepared).")
     if not 0 < self.eval_fraction < 1:
       _fail(own, "eval_fraction", self.eval_fraction, "must be in (0, 1).")
+    if self.split_seed < 0:
+      _fail(own, "split_seed", self.split_seed, "must be >= 0.")
     if self.tokenizer_vocab_size < 8:
       _fail(own, "tokenizer_vocab_size", self.tokenizer_vocab_size, "must be >= 8.")
     if not isinstance(self.paths, tuple):

@@ -166,3 +166,18 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):
   model, train, data = configs(5)
   with pytest.raises(ValueError, match="vocab_size"):
     loop.train(model.replace(vocab_size=300), train, data, model_dir=tmp_path, show_progress=False)
+
+
+def test_held_out_set_and_tokenizer_do_not_change_with_the_training_seed():
+  """Seeds compare on one held-out set in one vocabulary: the training seed changes the training batches,
+  DataConfig.split_seed the held-out documents (and so the tokenizer trained on the rest)."""
+  model, train, data = configs(5)
+  tokenizer0, train0, held_out0 = loop.load_data(data, train)
+  tokenizer1, train1, held_out1 = loop.load_data(data, train.__class__(**{**train.__dict__, "seed": 1}))
+  assert tokenizer0._model_proto == tokenizer1._model_proto        # the same SentencePiece model
+  for a, b in zip(held_out0, held_out1):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert any(not np.array_equal(a, b) for a, b in zip(next(train0).values(), next(train1).values()))
+  _, _, held_out_other = loop.load_data(DataConfig(**{**data.__dict__, "split_seed": 1}), train)
+  assert any(not np.array_equal(a[k], b[k]) for a, b in zip(held_out0, held_out_other) for k in a)

@@ -44,14 +44,14 @@ def load_data(data: DataConfig, train: TrainConfig, process_index: int = 0, proc
   """-> (tokenizer, endless train Pipeline for this process, fixed list of held-out batches)."""
   from switchx.data import Pipeline
   from switchx.data.sources import load_documents, load_tokenizer
-  train_docs, eval_docs = load_documents(data, train.seed)
+  train_docs, eval_docs = load_documents(data)   # the split (and tokenizer) fixed by data.split_seed
   tokenizer = load_tokenizer(data, train_docs)
   pipeline = lambda docs, seed: Pipeline(
       docs, tokenizer, batch_size=train.batch_size // process_count, inputs_length=train.inputs_length,
       targets_length=train.targets_length, seed=seed, pack=data.pack, process_index=process_index,
       process_count=process_count, noise_density=data.noise_density,
       mean_noise_span_length=data.mean_noise_span_length)
-  eval_pipeline = pipeline(eval_docs, train.seed + 1)
+  eval_pipeline = pipeline(eval_docs, data.split_seed + 1)   # the same held-out batches for every seed
   return tokenizer, pipeline(train_docs, train.seed), [next(eval_pipeline) for _ in range(train.eval_batches)]
 
 

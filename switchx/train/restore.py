@@ -177,8 +177,9 @@ def load_tokenizer(path: str | Path, data_config: DataConfig | None = None):
     if (run_dir / name).is_file():
       return data_lib.Tokenizer.load(run_dir / name)
   record = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).is_file() else {}
-  if "data" in record:
-    return tokenizer_for(data_config_from(record["data"]), TrainConfig(**record["train"]).seed)
+  if "data" in record:  # runs recorded before DataConfig.split_seed split the documents by the training seed
+    split_seed = record["data"].get("split_seed", TrainConfig(**record["train"]).seed)
+    return tokenizer_for(data_config_from(record["data"]), split_seed)
   if data_config is not None and data_config.tokenizer_path:
     return data_lib.Tokenizer.load(data_config.tokenizer_path)
   raise ValueError(f"{path}: no tokenizer found ({TOKENIZER_FILE} or spiece.model beside the model, or a run "
@@ -186,7 +187,7 @@ def load_tokenizer(path: str | Path, data_config: DataConfig | None = None):
                    "--gin.DataConfig.tokenizer_path=\"'/path/spiece.model'\".")
 
 
-def tokenizer_for(data: DataConfig, seed: int):
+def tokenizer_for(data: DataConfig, seed: int | None = None):
   """The tokenizer `switchx train` built for a DataConfig (the same function builds it: data/sources.py)."""
   from switchx.data.sources import load_tokenizer as from_config
   return from_config(data, seed=seed)
