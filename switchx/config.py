@@ -82,7 +82,7 @@ class MoeConfig:
   expert_d_ff: int | None = None         # hidden size of each expert; None: the model's d_ff
   expert_dtype: str = "auto"             # the experts' compute dtype; "auto": the model's dtype, but float32
                                          # when training on a CPU with few tokens per expert (see
-                                         # moe.layer.expert_compute_dtype); or "float32" / "bfloat16"
+                                         # moe.experts.expert_compute_dtype); or "float32" / "bfloat16"
   load_balance_loss_coef: float = 0.01
   router_z_loss_coef: float = 0.0
   num_group_partitions: int = 1          # shards the routing groups are split over (the mesh's data x expert

@@ -57,7 +57,7 @@ def decoding_config(config: ModelConfig, moe_routing: str = "no_drop") -> ModelC
   moe = dataclasses.replace(config.moe, num_group_partitions=1)
   if moe_routing == "no_drop" and moe.semantics == "switch":
     moe = dataclasses.replace(moe, eval_capacity_factor=0.0, expert_capacity=None)
-    if moe.router == "tokens_choose":  # the same routing, computed for the routed tokens only (moe/layer.py)
+    if moe.router == "tokens_choose":  # the same routing, computed for the routed tokens only (moe/dispatch.py)
       moe = dataclasses.replace(moe, dispatch="dropless")
   elif moe_routing not in ("no_drop", "eval_capacity"):
     raise ValueError(f"moe_routing={moe_routing!r}: choose 'no_drop' or 'eval_capacity'.")
@@ -84,7 +84,7 @@ def serving_params(config: ModelConfig, params):
   does. A float32 model's parameters come back unchanged (there the transposed table measured no faster).
   Measured on benchmarks case 4 (bfloat16, 8 experts, 2-core Xeon): greedy decoding 1.16-1.21x faster than from
   float32 parameters, 2.21-2.25x transformers' generate (benchmarks/README.md)."""
-  from switchx.moe.layer import expert_compute_dtype
+  from switchx.moe.experts import expert_compute_dtype
   dtype = jnp.dtype(config.dtype)
   if dtype == jnp.float32:
     return params

@@ -167,7 +167,7 @@ def test_no_drop_dropless_blocks_decode_a_row_as_the_slot_layout_alone():
   """With 4 rows of 64 encoder tokens the sparse encoder layer runs its dropless blocks (64 tokens per expert);
   one row alone (16 per expert) gives every expert a slot per token instead: the same routing, so the row
   decodes to the same tokens and logits."""
-  from switchx.moe.layer import dropless_block_size
+  from switchx.moe.dispatch import dropless_block_size
   config = CONFIGS["sparse"]
   params = _params(config)
   enc = _encoder_tokens(batch=4, length=64, seed=11)

@@ -14,8 +14,9 @@ from hypothesis import given, settings, strategies as st
 
 from moe_oracle import oracle_moe
 from switchx.config import ModelConfig, MoeConfig
-from switchx.moe.layer import (MoeLayer, dropless_block_size, expert_compute_dtype, expert_matmul, group_shape,
-                               router_stats)
+from switchx.moe.dispatch import dropless_block_size, sorted_blocks
+from switchx.moe.experts import expert_compute_dtype, expert_matmul
+from switchx.moe.layer import MoeLayer, group_shape, router_stats
 from switchx.moe.routing import experts_choose, tokens_choose
 
 D_MODEL, D_FF = 8, 16
@@ -31,7 +32,7 @@ def layer_config(activation="gated-gelu", dtype="float32", **moe) -> ModelConfig
 
 @functools.lru_cache(maxsize=None)
 def _jitted_layer(config: ModelConfig, train: bool):
-  layer = MoeLayer(config)
+  layer = MoeLayer.for_model(config)
 
   def run(params, x, mask, rngs):
     (y, aux), state = layer.apply({"params": params}, x, mask, train, rngs=rngs, mutable=["intermediates"])
@@ -45,7 +46,7 @@ def run_layer(config, params, x, mask, train=False, rngs=None):
 
 
 def init_layer(config, x, seed=0):
-  params = MoeLayer(config).init(jax.random.PRNGKey(seed), x, jnp.ones(x.shape[:2], bool), False)["params"]
+  params = MoeLayer.for_model(config).init(jax.random.PRNGKey(seed), x, jnp.ones(x.shape[:2], bool), False)["params"]
   return nn.unbox(params)
 
 
@@ -225,7 +226,7 @@ def test_dropless_blocks_hold_every_routed_choice_once_each_block_one_expert(p, 
   probs, mask, k = jnp.asarray(p["probs"]), jnp.asarray(p["mask"]), p["k"]
   groups, size, num_experts = probs.shape
   d = tokens_choose(probs, mask, k=k, capacity=size)
-  slot_token, slot_gate, block_expert = map(np.asarray, d.blocks(num_experts, block))
+  slot_token, slot_gate, block_expert = map(np.asarray, sorted_blocks(d, num_experts, block))
   num_tokens = groups * size
   assert slot_token.shape == ((num_tokens * k + num_experts * (block - 1)) // block, block)
   assert (np.diff(block_expert) >= 0).all()                                  # sorted by expert
@@ -386,7 +387,7 @@ def test_bfloat16_model_routes_in_float32_and_differentiates(dispatch):
   assert inter["router_logits"][0].dtype == jnp.float32
   assert inter["expert_inputs"][0].dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-  # The backward pass compiles and runs on the CPU (XLA rejects some bf16 dot layouts; see moe/layer.py).
+  # The backward pass compiles and runs on the CPU (XLA rejects some bf16 dot layouts; see moe/dispatch.py).
   grads = jax.grad(lambda p: run_layer(config, p, x.astype(jnp.bfloat16), mask)[0].astype(jnp.float32).sum())(
       params)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))

@@ -93,7 +93,7 @@ def test_switch_layer_learns_to_route_separable_problems_and_beats_its_dense_twi
   moe = MoeConfig(num_experts=e, group_size=t, train_capacity_factor=1.25, min_capacity=1, dispatch="index")
   config = ModelConfig(vocab_size=8, d_model=d, num_heads=1, head_dim=8, d_ff=f, activation="relu",
                        num_encoder_layers=1, num_decoder_layers=0, encoder_sparse="all", moe=moe)
-  switch = MoeLayer(config)
+  switch = MoeLayer.for_model(config)
   mask = jnp.ones((1, t), bool)
   models = {"switch": lambda p, x: switch.apply({"params": p}, x, mask, True),
             "dense": lambda p, x: Dense().apply({"params": p}, x)}

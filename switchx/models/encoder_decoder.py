@@ -40,7 +40,7 @@ def feed_forward(cfg: ModelConfig, sparse: bool, x: jax.Array, token_mask: jax.A
   """The feed-forward slot of a layer (called inside a layer's compact method): a dense MLP ("mlp") or a
   MoE layer ("moe"), as the config's sparse layout says. -> (y, moe aux or None)."""
   if sparse:
-    return MoeLayer(cfg, name="moe")(x, token_mask, train)
+    return MoeLayer.for_model(cfg, name="moe")(x, token_mask, train)
   mlp = MlpBlock(cfg.d_ff, cfg.activation, cfg.dropout_rate, cfg.init_scale, jnp.dtype(cfg.dtype), name="mlp")
   return mlp(x, deterministic=not train), None
 

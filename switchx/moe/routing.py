@@ -1,22 +1,35 @@
-"""Routers: router probabilities -> routing decisions (which token goes to which expert slot, with what gate).
+"""The router: tokens -> float32 logits -> probabilities -> a routing decision (which token goes to which expert
+slot, with what gate).
 
-Legend (shared with moe/layer.py):
-  G groups, S tokens per group, E experts, C capacity (slots per expert per group), K experts per token.
+Legend (shared with moe/): G groups, S tokens per group, E experts, C capacity (slots per expert per group),
+K experts per token, D d_model.
 
-Two decision types, each convertible to the dispatch forms used by the layer:
+    router_in [G, S, D] float32 (jitter, when training, multiplies only this copy: "selective precision")
+    logits = router_in @ kernel [D, E]      [G, S, E] float32
+    probs = softmax(logits)                 [G, S, E]
+    decision = STRATEGIES[moe.router](probs, mask, capacity, moe, rng)
+
+A decision is a TokenChoice (each token picks its top-K experts) or an ExpertChoice (each expert picks its top-C
+tokens); both convert to the forms moe/dispatch.py moves tokens with:
   * `dense()`  -> dispatch mask [G, S, E, C] (bool) and combine weights [G, S, E, C]   (einsum path)
   * `slots()`  -> slot_token [G, E, C] (int, S = empty slot) and slot_gate [G, E, C]   (index path)
-  * `blocks()` -> slot_token [N, b] (int into the G*S tokens, G*S = empty), slot_gate [N, b] and
-                  block_expert [N]: the routed tokens sorted by expert in blocks of b   (dropless path;
-                  tokens-choose only)
-so the dispatch paths share the routing decisions and differ only in how tokens move.
+A new router is a function here with the signature of STRATEGIES' values, its name in config.ROUTERS, and the
+config fields it reads.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from switchx.axes import EMBED, UNMODELED
+
+if TYPE_CHECKING:
+  from switchx.config import MoeConfig
 
 
 @flax.struct.dataclass
@@ -49,38 +62,6 @@ class TokenChoice:
     slot_gate = jnp.zeros((num_groups, num_experts + 1, capacity), jnp.float32)
     slot_gate = slot_gate.at[g, e, c].set(self.gate)[:, :num_experts]                    # [G, E, C]
     return slot_token, slot_gate
-
-  def blocks(self, num_experts: int, block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Every routed choice (capacity ignored: nothing is dropped), sorted by expert into blocks of
-    `block_size` slots, each block holding one expert's tokens (its last block padded with empty slots).
-
-    Returns slot_token [N, b] (index into the G*S tokens of all groups, G*S = empty), slot_gate [N, b] and
-    block_expert [N]. N is static: sum_e ceil(n_e / b) <= (T*K + E*(b-1)) / b for any loads n_e summing to
-    T*K, so the computation costs at most T*K + E*(b-1) token slots however the router splits the tokens
-    (fixed-capacity dispatch without drops needs E*T). Unused blocks hold only empty slots.
-    """
-    num_groups, group_size, k = self.expert_index.shape
-    b, num_choices = block_size, num_groups * group_size * k
-    num_blocks = (num_choices + num_experts * (b - 1)) // b
-    expert = jnp.where(self.routed, self.expert_index, num_experts).reshape(-1)            # [T*K], E: unrouted
-    order = jnp.argsort(expert, stable=True)                                              # choices by expert
-    load = jnp.zeros(num_experts + 1, jnp.int32).at[expert].add(1)[:num_experts]          # [E] n_e
-    blocks = -(-load // b)                                                                 # [E]
-    block_end = jnp.cumsum(blocks)                                                         # [E]
-    first_slot = (block_end - blocks) * b                                                  # [E]
-    first_choice = jnp.cumsum(load) - load                                                 # [E] in `order`
-    sorted_expert = expert[order]                                                          # [T*K]
-    safe = jnp.minimum(sorted_expert, num_experts - 1)
-    slot = first_slot[safe] + jnp.arange(num_choices) - first_choice[safe]                 # [T*K]
-    slot = jnp.where(sorted_expert < num_experts, slot, num_blocks * b)                   # unrouted: nowhere
-    slot_choice = jnp.full(num_blocks * b, num_choices, jnp.int32).at[slot].set(
-        order.astype(jnp.int32), mode="drop")                                              # [N*b]
-    filled = slot_choice < num_choices
-    slot_token = jnp.where(filled, slot_choice // k, num_groups * group_size)              # [N*b]
-    slot_gate = jnp.where(filled, self.gate.reshape(-1)[jnp.minimum(slot_choice, num_choices - 1)], 0.0)
-    block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"),
-                               num_experts - 1).astype(jnp.int32)                          # [N]
-    return slot_token.reshape(num_blocks, b), slot_gate.reshape(num_blocks, b), block_expert
 
 
 @flax.struct.dataclass
@@ -159,3 +140,46 @@ def experts_choose(probs: jax.Array, token_mask: jax.Array, *, capacity: int) ->
   valid = gate >= 0
   return ExpertChoice(token_index=token_index.astype(jnp.int32), gate=jnp.where(valid, gate, 0.0),
                       valid=valid, group_size=group_size)
+
+
+STRATEGIES = {
+    "tokens_choose": lambda probs, mask, capacity, moe, rng: tokens_choose(
+        probs, mask, k=moe.top_k, capacity=capacity, second_expert_policy=moe.second_expert_policy,
+        second_expert_threshold=moe.second_expert_threshold, normalize_gates=moe.normalize_gates,
+        batch_prioritized=moe.batch_prioritized, rng=rng),
+    "experts_choose": lambda probs, mask, capacity, moe, rng: experts_choose(probs, mask, capacity=capacity),
+}
+
+
+@flax.struct.dataclass
+class Routing:
+  logits: jax.Array                       # [G, S, E] float32, raw (the z-loss reads them)
+  probs: jax.Array                        # [G, S, E] float32
+  decision: TokenChoice | ExpertChoice
+
+
+class Router(nn.Module):
+  """The router's kernel [D, E] (parameter "router", float32), its jitter and its strategy (MoeConfig.router).
+
+  MoeLayer shares its scope with the router, so the kernel is the layer's parameter "router" (checkpoints and
+  converted models keep their layout), and the rng streams are the layer's: "jitter", and "routing" for the
+  random second expert."""
+
+  moe: MoeConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array, capacity: int, train: bool) -> Routing:
+    moe = self.moe
+    router_in = tokens.astype(jnp.float32)                                     # [G, S, D]
+    if train and moe.jitter_noise > 0:
+      router_in *= jax.random.uniform(self.make_rng("jitter"), router_in.shape, jnp.float32,
+                                      1.0 - moe.jitter_noise, 1.0 + moe.jitter_noise)
+    kernel = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                               (EMBED, UNMODELED)),
+                        (tokens.shape[-1], moe.num_experts), jnp.float32)      # [D, E]
+    logits = jnp.einsum("gsd,de->gse", router_in, kernel, precision=jax.lax.Precision.HIGHEST)  # [G, S, E]
+    probs = jax.nn.softmax(logits, axis=-1)
+    self.sow("intermediates", "router_logits", logits)
+    random_second = train and moe.top_k > 1 and moe.second_expert_policy == "random"
+    rng = self.make_rng("routing") if random_second and moe.router == "tokens_choose" else None
+    return Routing(logits, probs, STRATEGIES[moe.router](probs, mask, capacity, moe, rng))

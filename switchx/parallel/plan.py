@@ -16,7 +16,7 @@ import numpy as np
 
 from switchx.config import ModelConfig, TrainConfig
 from switchx.models.encoder_decoder import EncoderDecoder
-from switchx.moe.layer import dropless_block_size
+from switchx.moe.dispatch import dropless_block_size
 from switchx.parallel.partitioning import Partitioner, abstract_mesh
 from switchx.train import optim, step as step_lib
 

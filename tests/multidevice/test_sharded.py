@@ -76,8 +76,8 @@ def test_loss_and_gradients_equal_single_device(mesh_shape, reference):
 def test_dropless_data_parallel_equals_single_device(monkeypatch):
   """Dropless dispatch lays out its blocks within each batch shard; with data and model parallelism (4 x 2) the
   loss and gradients equal one device's, where all tokens share one layout."""
-  from switchx.moe import layer
-  monkeypatch.setattr(layer, "WEIGHT_PASS", 0)   # blocks at any load, so every shard runs the block layout
+  from switchx.moe import dispatch
+  monkeypatch.setattr(dispatch, "WEIGHT_PASS", 0)   # blocks at any load, so every shard runs the block layout
   config = switch_config(moe=MoeConfig(num_experts=8, group_size=8, dispatch="dropless",
                                        load_balance_loss_coef=0.01, router_z_loss_coef=1e-3))
   results = []

@@ -1,0 +1,117 @@
+"""The experts: E independent feed-forward networks applied expert-major, their matmul and their dtype policy.
+
+    x [E, G, C, D] -> [E, G*C, D] -> wi [E, D, F] -> act -> dropout -> wo [E, F, D] -> [E, G, C, D]
+    dropless blocks: x [N, 1, b, D], block n through expert block_expert[n]'s weights (gathered: [N, D, F])
+
+Weights are float32 parameters; the products run in `expert_compute_dtype` with float32 accumulation, and
+activations enter and leave in the model's dtype. Why the matmul and the dtype policy look as they do, with the
+measurements: benchmarks/README.md, "Why the expert code is shaped this way".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from switchx.axes import EMBED, EXPERT, EXPERT_MLP, UNMODELED
+from switchx.nn.linear import matmul, t5_kernel_init
+from switchx.nn.mlp import activation_fn
+
+# Up to this many tokens per expert (G * C), expert_matmul fixes its dots' layouts; above it, plain autodiff.
+FIXED_LAYOUT_MAX_TOKENS = 128
+# On XLA's CPU backend, "auto" expert dtype trains the experts in bfloat16 only from this many tokens per expert.
+BF16_MIN_TOKENS = 128
+
+
+def expert_compute_dtype(setting: str, model_dtype, tokens_per_expert: int, train: bool) -> jnp.dtype:
+  """The dtype the expert FFN computes in (MoeConfig.expert_dtype). "auto" is the model's dtype, except when
+  training on XLA's CPU backend with fewer than BF16_MIN_TOKENS tokens per expert, where it is float32: there a
+  batched bfloat16 dot with one weight matrix per expert and few tokens misses the CPU's matrix units and runs
+  slower than float32 (and adds a cast of every expert weight). Decoding keeps the model's dtype (the cast is
+  hoisted out of the decoding loop)."""
+  if setting != "auto":
+    return jnp.dtype(setting)
+  if train and jax.default_backend() == "cpu" and tokens_per_expert < BF16_MIN_TOKENS:
+    return jnp.dtype(jnp.float32)
+  return jnp.dtype(model_dtype)
+
+
+def expert_matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  """Per-expert matmul [E, T, I] x [E, I, O] -> [E, T, O] in `dtype` (operands cast, float32 accumulation).
+
+  The product einsum('eti,eio->eto'). With few tokens per expert (T <= FIXED_LAYOUT_MAX_TOKENS, the usual case
+  with many experts) it runs with a hand-written backward that fixes every dot's memory layout (the weight
+  contracted along its contiguous axis, outputs tokens-last; optimization barriers keep the transposes from
+  being folded back), which XLA's CPU backend runs several times faster than autodiff's layouts. Outside
+  differentiation it is the plain einsum. Equal to the einsum up to float32 summation order; dw comes back in
+  w's dtype, accumulated in float32.
+  """
+  if x.shape[1] > FIXED_LAYOUT_MAX_TOKENS:
+    return matmul("eti,eio->eto", x, w, dtype)
+  return _expert_matmul(x.astype(dtype), w, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _expert_matmul(x, w, dtype):
+  return matmul("eti,eio->eto", x, w, dtype)          # not differentiated: the plain product
+
+
+def _expert_matmul_fwd(x, w, dtype):
+  y = jnp.einsum("eti,eio->eto", x, w.astype(dtype), preferred_element_type=jnp.float32)  # [E, T, O]
+  xt = jax.lax.optimization_barrier(jnp.swapaxes(x, 1, 2))                        # [E, I, T], for dw
+  return y.astype(dtype), (xt, w)
+
+
+def _expert_matmul_bwd(dtype, residuals, dy):
+  xt, w = residuals                                                               # [E, I, T], [E, I, O]
+  dy = dy.astype(dtype)                                                           # [E, T, O]
+  dxt = jnp.einsum("eio,eto->eit", w.astype(dtype), dy, preferred_element_type=jnp.float32)  # [E, I, T]
+  dx = jnp.swapaxes(jax.lax.optimization_barrier(dxt), 1, 2).astype(dtype)        # [E, T, I]
+  dw = jnp.einsum("eit,eto->eio", xt, dy, preferred_element_type=jnp.float32)     # [E, I, O]
+  return dx, dw.astype(w.dtype)
+
+
+_expert_matmul.defvjp(_expert_matmul_fwd, _expert_matmul_bwd)
+
+
+class Experts(nn.Module):
+  """E independent feed-forward networks applied expert-major: [E, G, C, D] -> [E, G, C, D]."""
+
+  num_experts: int
+  d_ff: int
+  activation: str
+  dropout_rate: float
+  init_scale: float
+  dtype: jnp.dtype = jnp.float32          # the model's activation dtype
+  expert_dtype: str = "auto"              # MoeConfig.expert_dtype, resolved by expert_compute_dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool, block_expert: jax.Array | None = None) -> jax.Array:
+    """x [E, G, C, D] -> [E, G, C, D]; with block_expert [N] (dropless), x [N, 1, b, D] -> [N, 1, b, D]:
+    block n goes through expert block_expert[n]."""
+    rows, num_groups, capacity, d_model = x.shape
+    in_dtype = x.dtype
+    dtype = expert_compute_dtype(self.expert_dtype, self.dtype, num_groups * capacity, train=not deterministic)
+    act, gated = activation_fn(self.activation)
+    init = t5_kernel_init(self.init_scale, num_in=1, num_out=1, num_batch=1)  # fan_in per expert
+
+    def kernel(name, shape, axes):
+      w = self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+      return w if block_expert is None else jnp.take(w, block_expert, axis=0)  # [N, ...]: one per block
+
+    wi_shape, wi_axes = (self.num_experts, d_model, self.d_ff), (EXPERT, EMBED, EXPERT_MLP)
+    x = x.reshape(rows, num_groups * capacity, d_model)                        # [E, G*C, D]
+    if gated:
+      h = act(expert_matmul(x, kernel("wi_0", wi_shape, wi_axes), dtype))
+      h = h * expert_matmul(x, kernel("wi_1", wi_shape, wi_axes), dtype)
+    else:
+      h = act(expert_matmul(x, kernel("wi", wi_shape, wi_axes), dtype))              # [E, G*C, F]
+    if block_expert is None:
+      h = nn.with_logical_constraint(h, (EXPERT, UNMODELED, EXPERT_MLP))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)          # expert dropout
+    wo = kernel("wo", (self.num_experts, self.d_ff, d_model), (EXPERT, EXPERT_MLP, EMBED))
+    out = expert_matmul(h, wo, dtype)                                          # [E, G*C, D]
+    return out.reshape(rows, num_groups, capacity, d_model).astype(in_dtype)
