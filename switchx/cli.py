@@ -82,7 +82,7 @@ def _plan(args: argparse.Namespace) -> int:
   import json
   from switchx import gin_config, model_stats
   from switchx.parallel.mesh import MeshConfig
-  from switchx.parallel.plan import plan
+  from switchx.train.plan import plan
   mesh = MeshConfig.parse(args.mesh)
   if -1 in (mesh.data, mesh.expert, mesh.model):
     raise ValueError("--mesh: give every axis size, e.g. data=16,expert=128,model=1 (plan looks at no devices).")
@@ -96,14 +96,14 @@ def _plan(args: argparse.Namespace) -> int:
         f" parameters, batch {train.batch_size} x ({train.inputs_length} + {train.targets_length}) tokens")
   print(f"per device:  parameters {gib(result['params_bytes'])}")
   print(f"             optimizer  {gib(result['optimizer_bytes'])}   ({train.optimizer})")
-  print(f"             activations{gib(result['activation_bytes'])}   (estimate; see switchx/parallel/plan.py)")
+  print(f"             activations{gib(result['activation_bytes'])}   (estimate; see switchx/train/plan.py)")
   print(f"             total      {gib(result['total_bytes'])}")
   return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
   from switchx import gin_config
-  from switchx.interop import convert
+  from switchx.api import convert
   config = args.config or None
   if args.from_format == "t5x" and config is None and args.gin_file:
     config = gin_config.load(args.gin_file, args.gin_bindings)[0]

@@ -493,3 +493,31 @@ class FinetuneConfig:
       _fail(own, "max_decode_length", self.max_decode_length, "must be >= 0 (0: TrainConfig.targets_length).")
     if self.best_metric not in FINETUNE_METRICS:
       _fail(own, "best_metric", self.best_metric, f"choose one of {FINETUNE_METRICS}.")
+
+
+# --- (de)serialisation: the JSON form of a ModelConfig (config.json of runs and saved models) -------------
+FORMAT_VERSION = 1
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+  """The JSON form of a config (the moe field nested)."""
+  return {"switchx_format_version": FORMAT_VERSION, **dataclasses.asdict(config)}
+
+
+def config_from_dict(fields: dict, source: str = "config") -> ModelConfig:
+  """A ModelConfig from its JSON form; unknown fields are an error (written by a newer switchx?)."""
+  fields = {k: v for k, v in fields.items() if k != "switchx_format_version"}
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  moe_known = {f.name for f in dataclasses.fields(MoeConfig)}
+  moe = fields.pop("moe", {}) or {}
+  unknown = sorted(set(fields) - known) + sorted(f"moe.{k}" for k in set(moe) - moe_known)
+  if unknown:
+    raise ValueError(f"{source}: unknown config fields {unknown}; was it written by a newer switchx? Remove them "
+                     "or upgrade switchx.")
+  for name in ("encoder_sparse", "decoder_sparse"):
+    if isinstance(fields.get(name), list):
+      fields[name] = tuple(fields[name])
+  try:
+    return ModelConfig(**fields, moe=MoeConfig(**moe))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{source}: invalid config: {e}") from e

@@ -30,6 +30,7 @@ import numpy as np
 from switchx.config import DecodeConfig, ModelConfig, check_vocab
 from switchx.losses import argmax
 from switchx.models.encoder_decoder import EncoderDecoder
+from switchx.moe.experts import expert_compute_dtype
 
 EOS_ID = 1
 # Log-probability of an impossible hypothesis: finite, so sums and comparisons never make NaN.
@@ -82,9 +83,7 @@ def serving_params(config: ModelConfig, params):
   Embed.attend multiplies instead (without it XLA writes a transposed copy of the table in every call).
   generate(config, serving_params(config, params), ...) returns exactly what generate(config, params, ...)
   does. A float32 model's parameters come back unchanged (there the transposed table measured no faster).
-  Measured on benchmarks case 4 (bfloat16, 8 experts, 2-core Xeon): greedy decoding 1.16-1.21x faster than from
-  float32 parameters, 2.21-2.25x transformers' generate (benchmarks/README.md)."""
-  from switchx.moe.experts import expert_compute_dtype
+  The speed-up: benchmarks/README.md ("Why the code is shaped this way")."""
   dtype = jnp.dtype(config.dtype)
   if dtype == jnp.float32:
     return params

@@ -1,4 +1,4 @@
-"""switchx.save / load / logits and interop.convert: bit-exact round trips, transformers directories,
+"""switchx.save / load / logits and api.convert: bit-exact round trips, transformers directories,
 mismatched checkpoints failing clearly, and a cheap `import switchx`."""
 
 import json
@@ -13,7 +13,8 @@ import switchx
 from conftest import jitted_apply, tiny_config, tiny_switch_config
 from random_params import random_params
 from switchx.config import MoeConfig
-from switchx.interop import convert, export_hf
+from switchx.api import convert
+from switchx.interop import export_hf
 from switchx.interop.param_tree import flatten
 
 pytest.importorskip("safetensors", reason="switchx.save / load and export_hf write safetensors files")

@@ -19,7 +19,8 @@ from switchx.config import FinetuneConfig, TaskConfig, TrainConfig
 from switchx.data import Tokenizer
 from switchx.data.tasks import Mixture, load_task
 from switchx.train import restore
-from switchx.train.finetune import finetune, finetune_train_config, frozen_mask, make_optimizer
+from switchx.train.finetune import finetune, finetune_train_config
+from switchx.train.optim import frozen_mask, make_optimizer
 
 STEPS = 120
 # lr 1e-2 instead of the paper's 1e-3 so that a model trained from scratch learns the task in 120 steps.

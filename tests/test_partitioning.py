@@ -72,7 +72,7 @@ def test_mesh_config_errors():
 
 def test_plan_switch_c_2048_on_2048_devices_without_them():
   from switchx import gin_config, model_stats
-  from switchx.parallel.plan import plan
+  from switchx.train.plan import plan
   model, train = gin_config.load(["switch_c_2048", "runs/pretrain"], ["TrainConfig.batch_size=2048"])
   result = plan(model, train, {"data": 16, "expert": 128, "model": 1})
   counts = model_stats.param_counts(model)
@@ -85,7 +85,7 @@ def test_plan_switch_c_2048_on_2048_devices_without_them():
 
 def test_plan_rejects_a_mesh_the_experts_do_not_fit():
   from switchx import gin_config
-  from switchx.parallel.plan import plan
+  from switchx.train.plan import plan
   model, train = gin_config.load(["switch_base_8"], ["TrainConfig.batch_size=64"])
   with pytest.raises(ValueError, match="experts"):
     plan(model, train, {"data": 4, "expert": 16, "model": 1})
@@ -94,7 +94,7 @@ def test_plan_rejects_a_mesh_the_experts_do_not_fit():
 def test_plan_counts_adamw_moments_in_their_dtype():
   """AdamW keeps two moments per parameter: 2x the float32 parameters' bytes, or 1x stored in bfloat16."""
   from switchx import gin_config
-  from switchx.parallel.plan import plan
+  from switchx.train.plan import plan
   for dtype, ratio in (("float32", 2.0), ("bfloat16", 1.0)):
     model, train = gin_config.load(["switch_base_8"], ["TrainConfig.batch_size=64", "TrainConfig.optimizer='adamw'",
                                                        f"TrainConfig.adam_moments_dtype='{dtype}'"])

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from switchx.config import ModelConfig
+from switchx.models.encoder_decoder import EncoderDecoder
 
 _SHOWN = 8  # names listed in an error before "... and N more"
 
@@ -21,7 +22,6 @@ _SHOWN = 8  # names listed in an error before "... and N more"
 @functools.lru_cache(maxsize=64)
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """{path: shape} of every parameter of EncoderDecoder(config), from jax.eval_shape (no compute)."""
-  from switchx.models.encoder_decoder import EncoderDecoder  # the model pulls in flax modules: import on use
 
   tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
   abstract = jax.eval_shape(EncoderDecoder(config).init, jax.random.PRNGKey(0), tokens, tokens)["params"]

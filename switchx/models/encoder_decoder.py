@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from switchx.axes import BATCH, EMBED, LENGTH, MLP, VOCAB
 from switchx.config import ModelConfig, check_vocab
 from switchx.moe.layer import MoeLayer
 from switchx.nn.attention import MultiHeadAttention, RelativePositionBias, attention_mask, mask_to_bias
@@ -33,11 +34,11 @@ from switchx.nn.linear import DenseGeneral, Embed
 from switchx.nn.mlp import MlpBlock
 from switchx.nn.norm import RMSNorm
 
-ACTIVATION_AXES = ("batch", "length", "embed")
+ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 
 
 def feed_forward(cfg: ModelConfig, sparse: bool, x: jax.Array, token_mask: jax.Array, train: bool):
-  """The feed-forward slot of a layer (called inside a layer's compact method): a dense MLP ("mlp") or a
+  """The feed-forward slot of a layer (called inside a layer's compact method): a dense MLP (MLP,) or a
   MoE layer ("moe"), as the config's sparse layout says. -> (y, moe aux or None)."""
   if sparse:
     return MoeLayer.for_model(cfg, name="moe")(x, token_mask, train)
@@ -161,9 +162,9 @@ class Decoder(nn.Module):
     if cfg.logits_via_embedding:
       logits = self.embedder.attend(x * cfg.d_model ** -0.5)                  # tied, rescaled as in T5
     else:
-      logits = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), init_scale=cfg.init_scale,
+      logits = DenseGeneral(cfg.vocab_size, (EMBED, VOCAB), init_scale=cfg.init_scale,
                             dtype=jnp.dtype(cfg.dtype), out_dtype=jnp.float32, name="logits_dense")(x)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), aux  # [B, Ld, V] float32
+    return nn.with_logical_constraint(logits, (BATCH, LENGTH, VOCAB)), aux  # [B, Ld, V] float32
 
   def _step_biases(self, tokens, encoder_valid, relpos_bias):
     """Masks and biases of one cached step: the new token [B, 1] sits at position cache_index and sees the

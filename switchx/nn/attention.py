@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from switchx.axes import BATCH, EMBED, HEADS, KV, LENGTH, RELPOS
 from switchx.nn.linear import DenseGeneral, matmul
 
 # Added to masked attention logits. Finite, so a fully masked row (a padding query) gives a uniform softmax
@@ -76,7 +77,7 @@ class RelativePositionBias(nn.Module):
     table = self.param(
         "rel_embedding",
         nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
-                                     ("heads", "relpos_buckets")),
+                                     (HEADS, RELPOS)),
         (self.num_heads, self.num_buckets), jnp.float32)                     # [H, buckets]
     relative = k_positions[:, None, :] - q_positions[:, :, None]            # [B, Q, K]
     buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
@@ -93,8 +94,7 @@ def self_cache_dtype(dtype) -> jnp.dtype:
   the model's. The values are the same (keys and values are computed in the model's dtype, which float32
   holds exactly). A bfloat16 cache on the CPU made XLA convert the whole cache to float32 and back around each
   step's one-slot update (not done in place), and to float32 again for the attention products, which it
-  runs in float32: greedy decoding of benchmarks case 4 (bfloat16) ran 1.10x faster with the float32 cache
-  and the products taking it as it is (A/B, identical logits)."""
+  runs in float32 (identical logits; the speed-up: benchmarks/README.md)."""
   return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(dtype)
 
 
@@ -125,17 +125,17 @@ class MultiHeadAttention(nn.Module):
     if kv_cache not in KV_CACHE_MODES:
       raise ValueError(f"kv_cache={kv_cache!r}: choose one of {KV_CACHE_MODES}.")
     d_model = inputs_q.shape[-1]
-    proj = lambda name, scale: DenseGeneral((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+    proj = lambda name, scale: DenseGeneral((self.num_heads, self.head_dim), (EMBED, HEADS, KV),
                                             init_scale=scale, dtype=self.dtype, name=name)
     # T5 does not scale logits by 1/sqrt(head_dim); the query initialisation carries that factor instead.
     q = proj("query", self.init_scale / self.head_dim)(inputs_q)             # [B, Q, H, Dh]
     k = proj("key", self.init_scale)(inputs_kv)                              # [B, K, H, Dh]
     v = proj("value", self.init_scale)(inputs_kv)                            # [B, K, H, Dh]
-    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    q = nn.with_logical_constraint(q, (BATCH, LENGTH, HEADS, KV))
     # Keys and values head-major, [B, H, Dh, K]: the layout XLA's CPU dots read them in. A decoding cache kept
     # in this layout is read as it is, instead of being transposed (a full copy of the cache) at every step.
-    k = nn.with_logical_constraint(jnp.einsum("bkhd->bhdk", k), ("batch", "heads", "kv", "length"))
-    v = nn.with_logical_constraint(jnp.einsum("bkhd->bhdk", v), ("batch", "heads", "kv", "length"))
+    k = nn.with_logical_constraint(jnp.einsum("bkhd->bhdk", k), (BATCH, HEADS, KV, LENGTH))
+    v = nn.with_logical_constraint(jnp.einsum("bkhd->bhdk", v), (BATCH, HEADS, KV, LENGTH))
     if kv_cache == "self":
       k, v = self._self_cache(k, v)
     elif kv_cache == "cross":
@@ -145,14 +145,14 @@ class MultiHeadAttention(nn.Module):
     logits = jnp.einsum("bqhd,bhdk->bhqk", q, k, preferred_element_type=jnp.float32)  # [B, H, Q, K]
     weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    if v.dtype == weights.dtype:  # training: matmul's backward keeps bfloat16 operands (1.03x, case 1)
+    if v.dtype == weights.dtype:  # training: matmul's backward keeps bfloat16 operands
       out = matmul("bhqk,bhdk->bqhd", weights, v, self.dtype)                  # [B, Q, H, Dh]
     else:                         # a float32 decoding cache under a bfloat16 model: read as it is
       out = jnp.einsum("bhqk,bhdk->bqhd", weights, v, preferred_element_type=jnp.float32)  # [B, Q, H, Dh]
     out = out.astype(self.dtype)
-    out = DenseGeneral(d_model, ("heads", "kv", "embed"), num_contract=2, init_scale=self.init_scale,
+    out = DenseGeneral(d_model, (HEADS, KV, EMBED), num_contract=2, init_scale=self.init_scale,
                        dtype=self.dtype, name="out")(out)                    # [B, Q, D]
-    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(out, (BATCH, LENGTH, EMBED))
 
   def _self_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Writes this step's key / value [B, H, Dh, 1] at cache_index -> the whole cache [B, H, Dh, L_max] each.

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from switchx.axes import EMBED, VOCAB
+
 Dtype = Any
 
 
@@ -34,9 +36,9 @@ def _low_precision_matmul(equation: str, a: jax.Array, b: jax.Array) -> jax.Arra
   would upcast the other operand and run them f32 x f32, which on a CPU with bf16 matrix units misses them.
   - Result cast to the operands' dtype (every layer's matmul): the rounding is exact, since the cotangent of a
     bfloat16 result holds bfloat16 values; the gradients are autodiff's up to the order of float32 summation.
-    Training step of benchmarks case 1 (bfloat16, 8 experts): 1.28x against autodiff.
   - Result kept in float32 (the tied logits): the cotangent is rounded as if the result had been made in
-    bfloat16 and cast, as t5x's bfloat16 logits are. The 32k-word projection's backward: 6x faster.
+    bfloat16 and cast, as t5x's bfloat16 logits are.
+  Speed-ups measured: benchmarks/README.md ("Why the code is shaped this way").
   Needs a plain contraction: every operand index also appears in the other operand or the result."""
   return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
 
@@ -102,7 +104,7 @@ class Embed(nn.Module):
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), (VOCAB, EMBED)),
         (self.num_embeddings, self.features), jnp.float32)
 
   def __call__(self, ids: jax.Array) -> jax.Array:

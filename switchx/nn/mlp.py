@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from switchx.axes import BATCH, EMBED, LENGTH, MLP
 from switchx.nn.linear import DenseGeneral
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -37,9 +38,9 @@ class MlpBlock(nn.Module):
     dense = lambda name, feats, axes: DenseGeneral(feats, axes, init_scale=self.init_scale,
                                                    dtype=self.dtype, name=name)
     if gated:
-      h = act(dense("wi_0", self.d_ff, ("embed", "mlp"))(x)) * dense("wi_1", self.d_ff, ("embed", "mlp"))(x)
+      h = act(dense("wi_0", self.d_ff, (EMBED, MLP))(x)) * dense("wi_1", self.d_ff, (EMBED, MLP))(x)
     else:
-      h = act(dense("wi", self.d_ff, ("embed", "mlp"))(x))              # [B, L, F]
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+      h = act(dense("wi", self.d_ff, (EMBED, MLP))(x))              # [B, L, F]
+    h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return dense("wo", d_model, ("mlp", "embed"))(h)                     # [B, L, D]
+    return dense("wo", d_model, (MLP, EMBED))(h)                     # [B, L, D]

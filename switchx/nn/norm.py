@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from switchx.axes import EMBED
+
 
 class RMSNorm(nn.Module):
   epsilon: float = 1e-6
@@ -15,7 +17,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
                        (x.shape[-1],), jnp.float32)
     x = x.astype(jnp.float32)  # statistics in float32 whatever the activation dtype
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)

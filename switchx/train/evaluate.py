@@ -16,17 +16,17 @@ import dataclasses
 import json
 from pathlib import Path
 
-import jax
-import numpy as np
 
-from switchx.config import TrainConfig
+from switchx.config import FinetuneConfig, TaskConfig, TrainConfig
+from switchx.data.tasks import load_task
 from switchx.parallel.mesh import MeshConfig, make_mesh
 from switchx.parallel.partitioning import Partitioner
 from switchx.train import restore
+from switchx.train.finetune import evaluate_tasks
+from switchx.train.loop import load_data
+from switchx.train.metrics import held_out_metrics
 
 EVAL_FILE = "eval.json"
-ROUTER_KEYS = ("dropped_fraction", "router_confidence", "router_entropy", "load_balance_loss", "router_z_loss",
-               "expert_usage", "dropped_fraction_by_rank")
 
 
 def evaluate_run(path: str | Path, model_changes: dict | None = None, moe_changes: dict | None = None,
@@ -47,7 +47,6 @@ def evaluate_run(path: str | Path, model_changes: dict | None = None, moe_change
   if "finetune" in record:
     result = _evaluate_finetuned(path, record, config, train, partitioner)
   else:
-    from switchx.train.loop import load_data
     _, _, batches = load_data(restore.data_config_from(record["data"]), train)
     loaded = restore.load_model(path, partitioner)
     run = restore.build_run(config, train, partitioner, batches[0]["encoder_input_tokens"].shape[1],
@@ -59,35 +58,7 @@ def evaluate_run(path: str | Path, model_changes: dict | None = None, moe_change
   return result
 
 
-def held_out_metrics(run, params, batches) -> dict:
-  """Token-weighted means over batches: neg_log_perplexity, token_accuracy, router metrics per layer."""
-  totals, tokens = {}, 0.0
-  for batch in batches:
-    metrics = jax.device_get(run.eval_step(params, run.shard_batch(batch)))
-    n = float(metrics["num_target_tokens"])
-    tokens += n
-    for key, value in metrics.items():
-      if key in ("cross_entropy_loss", "accuracy", "load_balance_loss", "router_z_loss") or (
-          key.startswith("router/") and key.rsplit("/", 1)[-1] in ROUTER_KEYS):
-        totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64) * n
-  mean = {key: value / max(tokens, 1.0) for key, value in totals.items()}
-  router = {}
-  for key, value in mean.items():
-    if key.startswith("router/") and key.count("/") >= 3:      # router/<stack>/<layer>/<metric>
-      layer, metric = key[len("router/"):].rsplit("/", 1)
-      router.setdefault(layer, {})[metric] = np.asarray(value).tolist()
-  result = {"neg_log_perplexity": -float(mean["cross_entropy_loss"]), "token_accuracy": float(mean["accuracy"]),
-            "num_target_tokens": tokens, "batches": len(batches)}
-  if router:
-    result["dropped_fraction"] = float(mean["router/dropped_fraction"])
-    result["router"] = router
-  return result
-
-
 def _evaluate_finetuned(path: Path, record: dict, config, train, partitioner) -> dict:
-  from switchx.config import FinetuneConfig, TaskConfig
-  from switchx.data.tasks import load_task
-  from switchx.train.finetune import evaluate_tasks
   fields = dict(record["finetune"])
   finetune_config = FinetuneConfig(**{**fields, "tasks": tuple(TaskConfig(**t) for t in fields["tasks"])})
   tokenizer = restore.load_tokenizer(path)

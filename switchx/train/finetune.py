@@ -20,18 +20,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 
-from switchx.config import DecodeConfig, FinetuneConfig, ModelConfig, TrainConfig, check_vocab
+from switchx.config import DecodeConfig, FinetuneConfig, ModelConfig, TrainConfig, check_vocab, config_from_dict
+from switchx.data.packing import RowPacker
+from switchx.data.tasks import Mixture, load_task, validation_batches
+from switchx.decode import generate, output_ids
+from switchx.interop.hf import import_hf
 from switchx.parallel.mesh import MeshConfig, make_mesh, maybe_initialize_distributed
 from switchx.parallel.partitioning import Partitioner
-from switchx.train import optim, restore
+from switchx.train import optim, restore, state as state_lib
+from switchx.train.checkpoint import Checkpointer
+from switchx.train.loop import resume, run_loop
+from switchx.train.metrics import MetricWriter
 
 log = logging.getLogger("switchx")
 
@@ -46,47 +51,12 @@ def finetune_train_config(**changes) -> TrainConfig:
   return TrainConfig(**{**base, **changes})
 
 
-# --- freezing ----------------------------------------------------------------------------------------------
-def _is_router(path) -> bool:
-  keys = [getattr(k, "key", None) for k in path]
-  return "moe" in keys and keys[-1] == "router"
-
-
-def frozen_mask(params, freeze: str):
-  """A tree of bools over the parameters: True where `freeze` ("none", "experts", "non_experts", "router")
-  keeps the parameter fixed."""
-  def frozen(path, _):
-    if freeze == "experts":
-      return optim.is_expert_param(path)
-    if freeze == "non_experts":
-      return not optim.is_expert_param(path)
-    if freeze == "router":
-      return _is_router(path)
-    return False
-  return jax.tree_util.tree_map_with_path(frozen, params)
-
-
-def make_optimizer(train_config: TrainConfig, freeze: str = "none", config: ModelConfig | None = None):
-  """(optimizer, schedule): optim.make_optimizer's, with the frozen parameters' updates set to exactly zero."""
-  if config is not None and freeze != "none" and not config.is_sparse:
-    raise ValueError(f"FinetuneConfig.freeze={freeze!r} needs a model with MoE layers; this one is dense "
-                     "(no experts or routers to tell apart). Use freeze='none'.")
-  tx, schedule = optim.make_optimizer(train_config)
-  if freeze == "none":
-    return tx, schedule
-  labels = lambda params: jax.tree_util.tree_map(lambda f: "frozen" if f else "trained",
-                                                 frozen_mask(params, freeze))
-  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels), schedule
-
-
 # --- task metrics ------------------------------------------------------------------------------------------
 TASK_METRICS = ("exact_match", "token_accuracy", "neg_log_perplexity")
 
 
 def score_task(run, params, task, train_config: TrainConfig, finetune_config: FinetuneConfig) -> tuple[dict, list]:
   """(metrics, predicted ids) of a task's first eval_examples validation examples, one example per row."""
-  from switchx.data.tasks import validation_batches
-  from switchx.decode import generate, output_ids
   decode_config = DecodeConfig(max_decode_length=finetune_config.max_decode_length or train_config.targets_length)
   batches = validation_batches(task, train_config.batch_size, train_config.inputs_length,
                                train_config.targets_length, finetune_config.eval_examples)
@@ -146,9 +116,7 @@ def read_init_config(init_from: str | Path) -> ModelConfig:
   if "model" in fields:
     return restore.model_config_from(fields["model"], str(run_dir / restore.CONFIG_FILE))
   if "model_type" in fields:
-    from switchx.interop import hf
-    return hf.import_hf(str(run_dir))[0]
-  from switchx.api import config_from_dict
+    return import_hf(str(run_dir))[0]
   return config_from_dict(fields, str(run_dir / restore.CONFIG_FILE))
 
 
@@ -177,13 +145,12 @@ def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_d
     config = model_config
   else:
     config = restore.apply_overrides(saved, model_changes, moe_changes)
-  make_optimizer(tc, fc.freeze, config)                          # a freezing option the model cannot take
+  optim.make_optimizer(tc, fc.freeze, config)                    # a freezing option the model cannot take
   model_dir = Path(model_dir)
   record = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tc),
             "finetune": dataclasses.asdict(fc), "mesh": dataclasses.asdict(mesh_config)}
 
   # --- 2. Tokenizer and data ------------------------------------------------------------------------------
-  from switchx.data.tasks import Mixture, load_task
   tokenizer = restore.load_tokenizer(fc.init_from, data_config)
   check_vocab(config, tokenizer.vocab_size - 1, f"the tokenizer's ids (vocabulary {tokenizer.vocab_size})")
   tasks = [load_task(task, tokenizer, tc.inputs_length, tc.targets_length) for task in fc.tasks]
@@ -197,14 +164,10 @@ def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_d
                     process_count=process_count)
 
   # --- 3. Mesh, run, optimizer, compiled step -------------------------------------------------------------
-  from switchx.train import state as state_lib
-  from switchx.train.checkpoint import Checkpointer
-  from switchx.train.loop import StopSignals, check_finite
-  from switchx.train.metrics import MetricWriter, to_python
   partitioner = Partitioner(make_mesh(mesh_config))
   partitioner.check_batch(tc.batch_size)
   example = {k: np.zeros((tc.batch_size,) + v.shape[1:], v.dtype) for k, v in mixture_batch_shapes(tc).items()}
-  run = state_lib.build(config, tc, partitioner, example, optimizer=make_optimizer(tc, fc.freeze, config))
+  run = state_lib.build(config, tc, partitioner, example, optimizer=optim.make_optimizer(tc, fc.freeze, config))
   abstract = run.abstract_state()
   rng = jax.random.PRNGKey(tc.seed + 1)
   run.compile_train_step(example, rng)               # before the state exists: compiling's memory is given back
@@ -216,81 +179,53 @@ def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_d
   best = json.loads((model_dir / BEST_FILE).read_text()) if (model_dir / BEST_FILE).is_file() else None
   if best is not None and best.get("metric") != fc.best_metric:
     best = None                                              # a new metric: its best starts afresh
-  if checkpoints.steps():
-    state, meta, step = checkpoints.restore(abstract)
-    if meta.get("config", {}).get("model") != json.loads(json.dumps(record["model"])):
-      raise ValueError(f"the checkpoint in {model_dir} was made with a different ModelConfig; use another "
-                       "--model_dir or the original config.")
-    mixture.set_state(meta["data"])
-    log.info("resumed fine-tuning from step %d", step)
-  else:
+  resumed = resume(checkpoints, abstract, record, model_dir, mixture)
+  if resumed is None:
     loaded = restore.load_model(fc.init_from, partitioner)
-    state, step = run.init_from_params(loaded.params), 0
+    resumed = run.init_from_params(loaded.params), 0
     log.info("fine-tuning %s (%s)", fc.init_from, loaded.source)
+  state, step = resumed
   if process_index == 0:
     (model_dir / restore.CONFIG_FILE).write_text(json.dumps(record, indent=1))
     tokenizer.save(model_dir / restore.TOKENIZER_FILE)
     if operative_config:
       (model_dir / "config.gin").write_text(operative_config)
 
-  def meta(eval_metrics=None):
-    return {"data": mixture.get_state(), "config": record, "eval": _scalars(eval_metrics or {})}
+  # --- 5. The loop (train/loop.py's), with task evaluation that keeps the best checkpoint --------------------
+  latest_eval = {}                                   # {step: its eval scalars}, saved with that step's checkpoint
 
-  # --- 5. The loop ----------------------------------------------------------------------------------------
+  def meta(step):
+    return {"data": mixture.get_state(), "config": record, "eval": latest_eval.get(step, {})}
+
+  def evaluate(step, state):
+    nonlocal best
+    eval_metrics = evaluate_tasks(run, state.params, tasks, tokenizer, tc, fc)
+    latest_eval.clear()
+    latest_eval[step] = _scalars(eval_metrics)
+    value = eval_metrics.get(fc.best_metric)
+    if value is not None and (best is None or value > best["value"]):
+      best_checkpoints.save(step, state, meta(step))
+      best = {"step": step, "metric": fc.best_metric, "value": value, "eval": _scalars(eval_metrics)}
+      if process_index == 0:
+        (model_dir / BEST_FILE).write_text(json.dumps(best, indent=1))
+    log.info("step %d: %s", step, {k: round(v, 4) for k, v in _scalars(eval_metrics).items() if "/" not in k})
+    for task in tasks:
+      for sample in eval_metrics.get(f"{task.name}/samples", []):
+        log.info("  %s: %r -> %r (target %r)", task.name, sample["input"][:80], sample["prediction"],
+                 sample["target"])
+    return _scalars(eval_metrics)
+
   writer = MetricWriter(model_dir, enabled=process_index == 0)
-  progress = None
-  if show_progress and process_index == 0:
-    from tqdm import tqdm
-    progress = tqdm(total=tc.num_train_steps, initial=step, desc="finetune", unit="step", file=sys.stdout,
-                    dynamic_ncols=True, mininterval=1.0)
-  history, eval_history, interrupted = [], [], None
   try:
-    with StopSignals() as signals:
-      while step < tc.num_train_steps:
-        state, metrics = run.train_step(state, run.shard_batch(next(mixture)), rng)
-        step += 1
-        if progress:
-          progress.update(1)
-        last = step == tc.num_train_steps
-        if step % tc.log_every == 0 or step == 1 or last or signals.requested:
-          check_finite(step, metrics)
-          host = {k: to_python(v) for k, v in jax.device_get(metrics).items()}
-          host.update({f"examples/{name}": n for name, n in mixture.task_counts().items()})
-          writer.write(step, host)
-          history.append({"step": step, **host})
-          if progress:
-            progress.set_postfix({"loss": f"{host['cross_entropy_loss']:.3f}"}, refresh=False)
-        eval_metrics = None
-        if (tc.eval_every and step % tc.eval_every == 0) or last:
-          eval_metrics = evaluate_tasks(run, state.params, tasks, tokenizer, tc, fc)
-          writer.write(step, _scalars(eval_metrics), prefix="eval/")
-          eval_history.append({"step": step, **_scalars(eval_metrics)})
-          value = eval_metrics.get(fc.best_metric)
-          if value is not None and (best is None or value > best["value"]):
-            check_finite(step, metrics)
-            best_checkpoints.save(step, state, meta(eval_metrics))
-            best = {"step": step, "metric": fc.best_metric, "value": value, "eval": _scalars(eval_metrics)}
-            if process_index == 0:
-              (model_dir / BEST_FILE).write_text(json.dumps(best, indent=1))
-          log.info("step %d: %s", step, {k: round(v, 4) for k, v in _scalars(eval_metrics).items()
-                                         if "/" not in k})
-          for task in tasks:
-            for sample in eval_metrics.get(f"{task.name}/samples", []):
-              log.info("  %s: %r -> %r (target %r)", task.name, sample["input"][:80], sample["prediction"],
-                       sample["target"])
-        if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last or signals.requested:
-          check_finite(step, metrics)
-          checkpoints.save(step, state, meta(eval_metrics))
-        if signals.requested:
-          interrupted = signals.requested
-          log.warning("%s received: saved a checkpoint at step %d and stopped", interrupted, step)
-          break
+    result = run_loop(run, state, step, mixture, rng, tc, writer, name="finetune",
+                      show_progress=show_progress and process_index == 0,
+                      save=lambda step, state: checkpoints.save(step, state, meta(step)), evaluate=evaluate,
+                      extra_metrics=lambda: {f"examples/{name}": n for name, n in mixture.task_counts().items()})
   finally:
-    if progress:
-      progress.close()
     checkpoints.close()
     best_checkpoints.close()
     writer.close()
+  step, history, eval_history, interrupted = result.step, result.history, result.eval_history, result.interrupted
   return {"model_dir": str(model_dir), "final_step": step, "interrupted": interrupted, "best": best,
           "history": history, "eval_history": eval_history,
           "final_eval": eval_history[-1] if eval_history else None,
@@ -300,7 +235,6 @@ def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_d
 
 def mixture_batch_shapes(train_config: TrainConfig) -> dict[str, np.ndarray]:
   """A batch of one row with the fine-tuning batch's keys and lengths (shapes for state.build)."""
-  from switchx.data.packing import RowPacker
   return RowPacker(1, train_config.inputs_length, train_config.targets_length).batch()
 
 

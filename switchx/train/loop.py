@@ -17,16 +17,20 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from switchx.config import DataConfig, ModelConfig, TrainConfig, check_vocab
+from switchx.data import Pipeline
+from switchx.data.sources import load_documents, load_tokenizer
 from switchx.parallel.mesh import MeshConfig, make_mesh, maybe_initialize_distributed
 from switchx.parallel.partitioning import Partitioner
 from switchx.train import state as state_lib
 from switchx.train.checkpoint import Checkpointer
-from switchx.train.metrics import MetricWriter, to_python
+from switchx.train.metrics import MetricWriter, held_out_metrics, to_python
 
 log = logging.getLogger("switchx")
 
@@ -42,8 +46,6 @@ def config_record(**configs) -> dict:
 
 def load_data(data: DataConfig, train: TrainConfig, process_index: int = 0, process_count: int = 1):
   """-> (tokenizer, endless train Pipeline for this process, fixed list of held-out batches)."""
-  from switchx.data import Pipeline
-  from switchx.data.sources import load_documents, load_tokenizer
   train_docs, eval_docs = load_documents(data)   # the split (and tokenizer) fixed by data.split_seed
   tokenizer = load_tokenizer(data, train_docs)
   pipeline = lambda docs, seed: Pipeline(
@@ -57,7 +59,6 @@ def load_data(data: DataConfig, train: TrainConfig, process_index: int = 0, proc
 
 def evaluate(run, params, batches) -> dict:
   """Token-weighted held-out metrics, named as the training metrics are."""
-  from switchx.train.evaluate import held_out_metrics
   metrics = held_out_metrics(run, params, batches)
   out = {"cross_entropy_loss": -metrics["neg_log_perplexity"], "accuracy": metrics["token_accuracy"]}
   if "dropped_fraction" in metrics:
@@ -105,6 +106,96 @@ class StopSignals:
       signal.signal(sig, handler)
 
 
+def resume(checkpoints: Checkpointer, abstract_state, record: dict, model_dir: Path, data):
+  """(state, step) of the newest checkpoint, with `data` (a pipeline or mixture) back at its position; None
+  when there is none. A checkpoint made with another ModelConfig is an error."""
+  if not checkpoints.steps():
+    return None
+  state, meta, step = checkpoints.restore(abstract_state)
+  if meta.get("config", {}).get("model") != json.loads(json.dumps(record["model"])):
+    raise ValueError(f"the checkpoint in {model_dir} was made with a different ModelConfig; use another "
+                     "--model_dir or the original config.")
+  data.set_state(meta["data"])
+  log.info("resumed from step %d", step)
+  return state, step
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: Any
+  step: int
+  history: list[dict]          # the logged training metrics, one dict per log step
+  eval_history: list[dict]     # what `evaluate` returned, one dict per evaluation
+  interrupted: str | None      # the signal that stopped the loop early
+
+
+def run_loop(run, state, step: int, data, rng, tc: TrainConfig, writer: MetricWriter, *,
+             save: Callable[[int, Any], None], evaluate: Callable[[int, Any], dict],
+             extra_metrics: Callable[[], dict] = dict, name: str = "train", show_progress: bool = True
+             ) -> LoopResult:
+  """The loop `train` and `finetune` share, from `step` to tc.num_train_steps: a train step per batch of `data`;
+  every tc.log_every steps the metrics (plus extra_metrics()) to `writer` and the progress bar; every
+  tc.eval_every steps and at the end evaluate(step, state) (scalars, written under eval/); every
+  tc.checkpoint_every steps, at the end and on SIGTERM / SIGINT save(step, state), then stop on a signal.
+  Losses are checked one step behind (so the device queue stays full), and never is a non-finite state saved."""
+  progress = None
+  if show_progress:
+    progress = tqdm(total=tc.num_train_steps, initial=step, desc=name, unit="step", file=sys.stdout,
+                    dynamic_ncols=True, mininterval=1.0)
+  history, eval_history, pending, interrupted = [], [], None, None
+  tokens_per_step = tc.batch_size * (tc.inputs_length + tc.targets_length)
+  timed_steps, timer = 0, None
+  try:
+    with StopSignals() as signals:
+      while step < tc.num_train_steps:
+        batch = run.shard_batch(next(data))
+        state, metrics = run.train_step(state, batch, rng)
+        step += 1
+        if pending is not None:
+          check_finite(*pending)                      # one step behind, so the device queue stays full
+        pending = (step, metrics)
+        if timer is None:
+          jax.block_until_ready(metrics)
+          timer = time.perf_counter()                  # throughput excludes the first (compiling) step
+        else:
+          timed_steps += 1
+        if progress:
+          progress.update(1)
+        last = step == tc.num_train_steps
+        if step % tc.log_every == 0 or step == 1 or last or signals.requested:
+          check_finite(*pending)
+          host = {k: to_python(v) for k, v in jax.device_get(metrics).items()}
+          host["tokens_per_s"] = timed_steps * tokens_per_step / max(time.perf_counter() - timer, 1e-9)
+          host.update(extra_metrics())
+          writer.write(step, host)
+          history.append({"step": step, **host})
+          if progress:
+            postfix = {"loss": f"{host['cross_entropy_loss']:.3f}", "tok/s": f"{host['tokens_per_s']:,.0f}"}
+            if "router/dropped_fraction" in host:
+              postfix["dropped"] = f"{100 * host['router/dropped_fraction']:.1f}%"
+            progress.set_postfix(postfix, refresh=False)
+        if (tc.eval_every and step % tc.eval_every == 0) or last:
+          check_finite(*pending)
+          eval_metrics = evaluate(step, state)
+          writer.write(step, eval_metrics, prefix="eval/")
+          eval_history.append({"step": step, **eval_metrics})
+        if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last or signals.requested:
+          check_finite(*pending)                      # never checkpoint a non-finite state:
+          if not bool(_all_finite(state.params)):      # (a finite loss can still leave inf parameters)
+            raise NonFiniteLossError(f"parameters became non-finite in the update of step {step}; no "
+                                     f"checkpoint of this state was written (last step's metrics: "
+                                     f"loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])})")
+          save(step, state)
+        if signals.requested:
+          interrupted = signals.requested
+          log.warning("%s received: saved a checkpoint at step %d and stopped", interrupted, step)
+          break
+  finally:
+    if progress:
+      progress.close()
+  return LoopResult(state, step, history, eval_history, interrupted)
+
+
 def train(model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig = DataConfig(),
           mesh_config: MeshConfig = MeshConfig(), model_dir: str | Path = "runs/switchx",
           operative_config: str = "", show_progress: bool = True, name: str = "train") -> dict:
@@ -137,83 +228,25 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
 
   # --- 5. Restore or initialise -----------------------------------------------------------------------------
   checkpoints = Checkpointer(model_dir / "checkpoints", keep=train_config.keep_checkpoints)
-  if checkpoints.steps():
-    state, meta, step = checkpoints.restore(run.abstract_state())
-    if meta.get("config", {}).get("model") != json.loads(json.dumps(record["model"])):
-      raise ValueError(f"the checkpoint in {model_dir} was made with a different ModelConfig; use another "
-                       "--model_dir or the original config.")
-    train_data.set_state(meta["data"])
-    log.info("resumed from step %d", step)
-  else:
-    state, step = run.init(jax.random.PRNGKey(train_config.seed)), 0
+  resumed = resume(checkpoints, run.abstract_state(), record, model_dir, train_data)
+  state, step = resumed or (run.init(jax.random.PRNGKey(train_config.seed)), 0)
   if process_index == 0:
     (model_dir / "config.json").write_text(json.dumps(record, indent=1))
     if operative_config:
       (model_dir / "config.gin").write_text(operative_config)
 
-  def save(step, state):
-    checkpoints.save(step, state, {"data": train_data.get_state(), "config": record})
-
   # --- 6. The loop ------------------------------------------------------------------------------------------
   writer = MetricWriter(model_dir, enabled=process_index == 0)
-  progress = None
-  if show_progress and process_index == 0:
-    from tqdm import tqdm
-    progress = tqdm(total=train_config.num_train_steps, initial=step, desc=name, unit="step", file=sys.stdout,
-                    dynamic_ncols=True, mininterval=1.0)
-  history, eval_history, pending = [], [], None
-  tokens_per_step = train_config.batch_size * (train_config.inputs_length + train_config.targets_length)
-  timed_steps, timer = 0, None
-  interrupted = None
   try:
-    with StopSignals() as signals:
-      while step < train_config.num_train_steps:
-        batch = run.shard_batch(next(train_data))
-        state, metrics = run.train_step(state, batch, rng)
-        step += 1
-        if pending is not None:
-          check_finite(*pending)                      # one step behind, so the device queue stays full
-        pending = (step, metrics)
-        if timer is None:
-          jax.block_until_ready(metrics)
-          timer = time.perf_counter()                  # throughput excludes the first (compiling) step
-        else:
-          timed_steps += 1
-        if progress:
-          progress.update(1)
-        last = step == train_config.num_train_steps
-        if step % train_config.log_every == 0 or step == 1 or last or signals.requested:
-          check_finite(*pending)
-          host = {k: to_python(v) for k, v in jax.device_get(metrics).items()}
-          host["tokens_per_s"] = timed_steps * tokens_per_step / max(time.perf_counter() - timer, 1e-9)
-          writer.write(step, host)
-          history.append({"step": step, **host})
-          if progress:
-            postfix = {"loss": f"{host['cross_entropy_loss']:.3f}", "tok/s": f"{host['tokens_per_s']:,.0f}"}
-            if "router/dropped_fraction" in host:
-              postfix["dropped"] = f"{100 * host['router/dropped_fraction']:.1f}%"
-            progress.set_postfix(postfix, refresh=False)
-        if (train_config.eval_every and step % train_config.eval_every == 0) or last:
-          eval_metrics = evaluate(run, state.params, eval_batches)
-          writer.write(step, eval_metrics, prefix="eval/")
-          eval_history.append({"step": step, **eval_metrics})
-        if (train_config.checkpoint_every and step % train_config.checkpoint_every == 0) or last \
-            or signals.requested:
-          check_finite(*pending)                      # never checkpoint a non-finite state:
-          if not bool(_all_finite(state.params)):      # (a finite loss can still leave inf parameters)
-            raise NonFiniteLossError(f"parameters became non-finite in the update of step {step}; no "
-                                     f"checkpoint of this state was written (last step's metrics: "
-                                     f"loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])})")
-          save(step, state)
-        if signals.requested:
-          interrupted = signals.requested
-          log.warning("%s received: saved a checkpoint at step %d and stopped", interrupted, step)
-          break
+    result = run_loop(
+        run, state, step, train_data, rng, train_config, writer, name=name,
+        show_progress=show_progress and process_index == 0,
+        save=lambda step, state: checkpoints.save(step, state, {"data": train_data.get_state(), "config": record}),
+        evaluate=lambda step, state: evaluate(run, state.params, eval_batches))
   finally:  # also on errors: finish writing the (good) checkpoints already started
-    if progress:
-      progress.close()
     checkpoints.close()
     writer.close()
+  step, history, eval_history, interrupted = result.step, result.history, result.eval_history, result.interrupted
   last_train = history[-1] if history else {}
   return {
       "name": name, "model_dir": str(model_dir), "final_step": step, "interrupted": interrupted,

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 
 
@@ -58,3 +59,33 @@ class MetricWriter:
 def read_metrics(directory: str | Path) -> list[dict]:
   path = Path(directory) / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# --- held-out metrics (the training loop's evaluation and `switchx eval`) ----------------------------------
+ROUTER_KEYS = ("dropped_fraction", "router_confidence", "router_entropy", "load_balance_loss", "router_z_loss",
+               "expert_usage", "dropped_fraction_by_rank")
+
+
+def held_out_metrics(run, params, batches) -> dict:
+  """Token-weighted means over batches: neg_log_perplexity, token_accuracy, router metrics per layer."""
+  totals, tokens = {}, 0.0
+  for batch in batches:
+    metrics = jax.device_get(run.eval_step(params, run.shard_batch(batch)))
+    n = float(metrics["num_target_tokens"])
+    tokens += n
+    for key, value in metrics.items():
+      if key in ("cross_entropy_loss", "accuracy", "load_balance_loss", "router_z_loss") or (
+          key.startswith("router/") and key.rsplit("/", 1)[-1] in ROUTER_KEYS):
+        totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64) * n
+  mean = {key: value / max(tokens, 1.0) for key, value in totals.items()}
+  router = {}
+  for key, value in mean.items():
+    if key.startswith("router/") and key.count("/") >= 3:      # router/<stack>/<layer>/<metric>
+      layer, metric = key[len("router/"):].rsplit("/", 1)
+      router.setdefault(layer, {})[metric] = np.asarray(value).tolist()
+  result = {"neg_log_perplexity": -float(mean["cross_entropy_loss"]), "token_accuracy": float(mean["accuracy"]),
+            "num_target_tokens": tokens, "batches": len(batches)}
+  if router:
+    result["dropped_fraction"] = float(mean["router/dropped_fraction"])
+    result["router"] = router
+  return result

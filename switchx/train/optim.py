@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from switchx.config import TrainConfig
+from switchx.config import ModelConfig, TrainConfig
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -21,7 +21,24 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
       end_value=lr * cfg.end_learning_rate_fraction)
 
 
-def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: TrainConfig, freeze: str = "none", config: ModelConfig | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule). `freeze` ("none", "experts", "non_experts", "router"; FinetuneConfig.freeze) sends
+  the frozen parameters' gradients to optax.set_to_zero: their updates are exactly 0, they stay bit-identical
+  and carry no optimizer state. `config` (the model's) lets a freezing option a dense model cannot take fail
+  here, before anything is built."""
+  if config is not None and freeze != "none" and not config.is_sparse:
+    raise ValueError(f"FinetuneConfig.freeze={freeze!r} needs a model with MoE layers; this one is dense "
+                     "(no experts or routers to tell apart). Use freeze='none'.")
+  tx, schedule = _optimizer(cfg)
+  if freeze == "none":
+    return tx, schedule
+  labels = lambda params: jax.tree_util.tree_map(lambda f: "frozen" if f else "trained",
+                                                 frozen_mask(params, freeze))
+  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels), schedule
+
+
+def _optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = learning_rate_schedule(cfg)
   if cfg.optimizer == "adafactor":
     # T5's settings: factored second moments, decay rate 0.8, update clipping 1.0, no momentum, updates scaled
@@ -137,3 +154,23 @@ def per_expert(tx: optax.GradientTransformation) -> optax.GradientTransformation
     return tx.update(updates, state, params) if empty(updates) else jax.vmap(tx.update)(updates, state, params)
 
   return optax.GradientTransformation(init, update)
+
+
+# --- freezing ----------------------------------------------------------------------------------------------
+def _is_router(path) -> bool:
+  keys = [getattr(k, "key", None) for k in path]
+  return "moe" in keys and keys[-1] == "router"
+
+
+def frozen_mask(params, freeze: str):
+  """A tree of bools over the parameters: True where `freeze` ("none", "experts", "non_experts", "router")
+  keeps the parameter fixed."""
+  def frozen(path, _):
+    if freeze == "experts":
+      return is_expert_param(path)
+    if freeze == "non_experts":
+      return not is_expert_param(path)
+    if freeze == "router":
+      return _is_router(path)
+    return False
+  return jax.tree_util.tree_map_with_path(frozen, params)

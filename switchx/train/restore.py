@@ -20,9 +20,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from switchx.config import DataConfig, ModelConfig, TrainConfig
+from switchx import data as data_lib
+from switchx.config import DataConfig, ModelConfig, TrainConfig, config_from_dict
+from switchx.data import sources
+from switchx.interop.native import load
 from switchx.parallel.mesh import MeshConfig, make_mesh
 from switchx.parallel.partitioning import Partitioner
+from switchx.train import optim, state as state_lib
+from switchx.train.checkpoint import Checkpointer
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"   # fine-tuning runs keep a copy of the model's tokenizer here
@@ -60,7 +65,6 @@ def data_config_from(fields: dict) -> DataConfig:
 
 
 def model_config_from(fields: dict, source: str) -> ModelConfig:
-  from switchx.api import config_from_dict
   return config_from_dict(dict(fields), source)
 
 
@@ -105,18 +109,16 @@ def check_compatible(saved: ModelConfig, given: ModelConfig, source: str = "the 
 # --- restoring ---------------------------------------------------------------------------------------------
 def run_optimizer(record: dict):
   """(transformation, schedule) whose state a run's checkpoints hold (fine-tuning runs: with their freezing)."""
-  from switchx.train import finetune, optim
   train_config = TrainConfig(**record["train"])
   if "finetune" in record:
     config = model_config_from(record["model"], "config.json")
-    return finetune.make_optimizer(train_config, record["finetune"].get("freeze", "none"), config)
+    return optim.make_optimizer(train_config, record["finetune"].get("freeze", "none"), config)
   return optim.make_optimizer(train_config)
 
 
 def build_run(config: ModelConfig, train_config: TrainConfig, partitioner: Partitioner,
               inputs_length: int | None = None, targets_length: int | None = None, optimizer=None):
   """state.build for `config` with a batch the partitioner splits (the batch only shapes tracing)."""
-  from switchx.train import state as state_lib
   rows = max(partitioner.num_batch_partitions, 1)
   train_config = dataclasses.replace(train_config, batch_size=rows, gradient_accumulation_steps=1)
   enc = np.zeros((rows, inputs_length or train_config.inputs_length), np.int32)
@@ -144,7 +146,6 @@ def load_model(path: str | Path, partitioner: Partitioner | None = None) -> Load
     raise FileNotFoundError(f"{path}: no such directory.")
   config_fields = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
   if "model" not in config_fields and (path / CONFIG_FILE).is_file():
-    from switchx.api import load
     config, params = load(str(path))
     return LoadedModel(config, params, {}, None, str(path))
   run_dir, ckpt_dir = checkpoint_dir(path)
@@ -152,7 +153,6 @@ def load_model(path: str | Path, partitioner: Partitioner | None = None) -> Load
   config = model_config_from(record["model"], str(run_dir / CONFIG_FILE))
   if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to restore (was the run stopped before its first save?).")
-  from switchx.train.checkpoint import Checkpointer
   partitioner = partitioner or single_device_partitioner()
   train_config = TrainConfig(**record["train"])
   run = build_run(config, train_config, partitioner, optimizer=run_optimizer(record))
@@ -170,7 +170,6 @@ def load_tokenizer(path: str | Path, data_config: DataConfig | None = None):
   """The tokenizer a model was trained with: RUN/tokenizer.model (fine-tuning runs keep one) or spiece.model
   beside it (transformers), else for a `switchx train` run the one its DataConfig names or trained (rebuilt the
   same way: deterministic and cached), else data_config.tokenizer_path. Never a guess: an error otherwise."""
-  from switchx import data as data_lib
   path = Path(path)
   run_dir = path.parent if path.name == "best" and (path.parent / CONFIG_FILE).is_file() else path
   for name in (TOKENIZER_FILE, "spiece.model"):
@@ -189,5 +188,4 @@ def load_tokenizer(path: str | Path, data_config: DataConfig | None = None):
 
 def tokenizer_for(data: DataConfig, seed: int | None = None):
   """The tokenizer `switchx train` built for a DataConfig (the same function builds it: data/sources.py)."""
-  from switchx.data.sources import load_tokenizer as from_config
-  return from_config(data, seed=seed)
+  return sources.load_tokenizer(data, seed=seed)

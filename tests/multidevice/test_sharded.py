@@ -169,7 +169,7 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path, reference):
 
 @pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (1, 2, 4)])
 def test_plan_matches_the_shards_training_creates(mesh_shape):
-  from switchx.parallel.plan import plan
+  from switchx.train.plan import plan
   run = build(mesh_shape)
   state = run.init(jax.random.PRNGKey(0))
   device = jax.devices()[0]
