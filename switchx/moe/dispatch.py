@@ -5,8 +5,7 @@
     expert_out = experts(expert_in, block_expert=dispatcher.block_expert)
     y = dispatcher.combine(expert_out)           # -> [G, S, D]; a token no expert kept gets exactly zero
 
-Paths (every one gives the same answer where nothing is dropped; tests/test_moe.py checks them against a naive
-per-expert loop):
+Paths (the same answer where nothing is dropped; tests/test_moe.py checks each against a naive loop):
   Einsum      dispatch mask and combine weights [G, S, E, C] (the decision's dense()); two einsums
   Index       slot_token, slot_gate [G, E, C] (the decision's slots()); a gather and a scatter-add
   Blocks      dropless: each of the P batch shards sorts its routed choices by expert into N blocks of b slots
@@ -41,9 +40,7 @@ WEIGHT_PASS = 20
 
 class Dispatcher(Protocol):
   block_expert: jax.Array | None        # [P*N]: the expert of each block (Blocks only)
-
-  def dispatch(self, tokens: jax.Array) -> jax.Array: ...   # [G, S, D] -> expert inputs
-
+  def dispatch(self, tokens: jax.Array) -> jax.Array: ...     # [G, S, D] -> expert inputs
   def combine(self, expert_out: jax.Array) -> jax.Array: ...  # expert outputs -> [G, S, D]
 
 

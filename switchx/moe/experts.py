@@ -3,9 +3,8 @@
     x [E, G, C, D] -> [E, G*C, D] -> wi [E, D, F] -> act -> dropout -> wo [E, F, D] -> [E, G, C, D]
     dropless blocks: x [N, 1, b, D], block n through expert block_expert[n]'s weights (gathered: [N, D, F])
 
-Weights are float32 parameters; the products run in `expert_compute_dtype` with float32 accumulation, and
-activations enter and leave in the model's dtype. Why the matmul and the dtype policy look as they do, with the
-measurements: benchmarks/README.md, "Why the expert code is shaped this way".
+Weights are float32; products run in `expert_compute_dtype` (float32 accumulation); activations enter and leave
+in the model's dtype. The measurements behind both: benchmarks/README.md ("Why the code is shaped this way").
 """
 
 from __future__ import annotations

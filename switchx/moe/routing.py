@@ -1,5 +1,4 @@
-"""The router: tokens -> float32 logits -> probabilities -> a routing decision (which token goes to which expert
-slot, with what gate).
+"""The router: tokens -> float32 logits -> probabilities -> a decision (which token goes to which slot, what gate).
 
 Legend (shared with moe/): G groups, S tokens per group, E experts, C capacity (slots per expert per group),
 K experts per token, D d_model.
@@ -19,17 +18,13 @@ config fields it reads.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from switchx.axes import EMBED, UNMODELED
-
-if TYPE_CHECKING:
-  from switchx.config import MoeConfig
+from switchx.config import MoeConfig
 
 
 @flax.struct.dataclass
