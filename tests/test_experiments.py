@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import (adam_moments, capacity_factor, expert_count, gpu_scaling, init_scale, report,
+from experiments import (adam_moments, capacity_factor, expert_count, gpu_scaling, init_scale, regime, report,
                          sparse_vs_dense)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +22,7 @@ def work(tmp_path_factory):
 @pytest.mark.parametrize("script,name,extra", [
     (expert_count, "expert_count", ["--wide", "2", "--at_steps", "2"]), (capacity_factor, "capacity_factor", []),
     (sparse_vs_dense, "sparse_vs_dense", ["--target_step", "2"]), (init_scale, "init_scale", []),
-    (adam_moments, "adam_moments", []), (gpu_scaling, "gpu_scaling", [])])
+    (adam_moments, "adam_moments", []), (gpu_scaling, "gpu_scaling", []), (regime, "regime", [])])
 def test_script_quick_mode(script, name, extra, work):
   out = work / "results"
   script.main(["--quick", "--out", str(out), "--work_dir", str(work / "runs"), *extra])
@@ -39,6 +39,10 @@ def test_script_quick_mode(script, name, extra, work):
     assert "router confidence, enc / dec |" in (out / f"{name}.md").read_text()
   if name == "sparse_vs_dense":
     assert payload["target_step"] == 2
+  if name == "regime":  # dense, its wider control and switch per candidate; one seed: the gate is not read
+    row = payload["rows"][0]
+    assert list(row["models"]) == ["dense", "dense, d_ff x8", "switch-8"] and row["gate_passed"] is None
+    assert row["models"]["dense, d_ff x8"]["params"] > row["models"]["dense"]["params"]
   if name == "gpu_scaling":  # tokens/s per model; MFU needs a known peak (none for a CPU)
     assert all(row["tokens_per_s"] > 0 for row in payload["rows"]) and payload["peak_flops"] is None
     assert {row["experts"] for row in payload["rows"]} == {0, 8}
