@@ -38,7 +38,7 @@ ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 
 
 def feed_forward(cfg: ModelConfig, sparse: bool, x: jax.Array, token_mask: jax.Array, train: bool):
-  """The feed-forward slot of a layer (called inside a layer's compact method): a dense MLP (MLP,) or a
+  """The feed-forward slot of a layer (called inside a layer's compact method): a dense MLP ("mlp") or a
   MoE layer ("moe"), as the config's sparse layout says. -> (y, moe aux or None)."""
   if sparse:
     return MoeLayer.for_model(cfg, name="moe")(x, token_mask, train)
