@@ -57,6 +57,15 @@ def preset_table_markdown() -> str:
   return "\n".join(rows)
 
 
+def _summary_line(summary: dict) -> str:
+  if summary["train_loss"] is None:        # resumed at the last step: nothing left to train
+    return f"step {summary['final_step']}: already trained (the run in {summary['model_dir']} is complete)"
+  eval_loss = summary["eval_loss"]
+  return (f"step {summary['final_step']}: train loss {summary['train_loss']:.4f}"
+          + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
+          + (f" (stopped by {summary['interrupted']})" if summary["interrupted"] else ""))
+
+
 def _train(args: argparse.Namespace) -> int:
   import logging
   from switchx import gin_config
@@ -71,10 +80,7 @@ def _train(args: argparse.Namespace) -> int:
   except NonFiniteLossError as e:
     print(f"switchx train: stopped: {e}", file=sys.stderr)
     return 3
-  eval_loss = summary["eval_loss"]
-  print(f"step {summary['final_step']}: train loss {summary['train_loss']:.4f}"
-        + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
-        + (f" (stopped by {summary['interrupted']})" if summary["interrupted"] else ""))
+  print(_summary_line(summary))
   return 0
 
 
@@ -220,6 +226,26 @@ def _finetune(args: argparse.Namespace) -> int:
   return 0
 
 
+def _upcycle(args: argparse.Namespace) -> int:
+  import logging
+  from switchx import gin_config
+  from switchx.parallel.mesh import MeshConfig
+  from switchx.train.loop import NonFiniteLossError
+  from switchx.train.upcycle import upcycle
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  gin_config.parse(args.gin_file, args.gin_bindings)
+  mesh = MeshConfig.parse(args.mesh) if args.mesh else gin_config.mesh_config()
+  try:
+    summary = upcycle(args.init_from, gin_config.model_config(), gin_config.train_config(),
+                      gin_config.data_config(), mesh, model_dir=args.model_dir, router_stddev=args.router_stddev,
+                      reinit_fraction=args.reinit_fraction, operative_config=gin_config.operative_config())
+  except NonFiniteLossError as e:
+    print(f"switchx upcycle: stopped: {e}", file=sys.stderr)
+    return 3
+  print(_summary_line(summary))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="switchx", description="Switch Transformers and sparse MoE in JAX/Flax.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -242,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1 (default: all "
                                                  "devices on 'data', or MeshConfig bindings)")
   train.set_defaults(run=_train)
+
+  up = sub.add_parser("upcycle", help="sparse upcycling: a trained dense model's FFN copied into every expert "
+                                      "of the sparse config (--gin_file: a Switch preset), fresh routers, then train")
+  _add_gin_flags(up)
+  up.add_argument("--init_from", required=True, help="the dense model: a `switchx train` directory (or its best/) "
+                                                     "or a switchx.save directory")
+  up.add_argument("--model_dir", required=True, help="the upcycled run (re-running resumes it)")
+  up.add_argument("--router_stddev", type=float, default=0.02, help="the fresh routers' init standard deviation")
+  up.add_argument("--reinit_fraction", type=float, default=0.0,
+                  help="Drop-Upcycling: share of each expert's hidden units re-initialised (default 0: plain)")
+  up.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1")
+  up.set_defaults(run=_upcycle)
 
   plan = sub.add_parser("plan", help="per-device memory of a config on a mesh, from shapes alone (no devices)")
   _add_gin_flags(plan)

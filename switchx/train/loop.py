@@ -198,7 +198,9 @@ def run_loop(run, state, step: int, data, rng, tc: TrainConfig, writer: MetricWr
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig = DataConfig(),
           mesh_config: MeshConfig = MeshConfig(), model_dir: str | Path = "runs/switchx",
-          operative_config: str = "", show_progress: bool = True, name: str = "train") -> dict:
+          operative_config: str = "", show_progress: bool = True, name: str = "train", init_params=None) -> dict:
+  """Trains `model_config` from scratch (or from `init_params`, a parameter tree such as an upcycled model's,
+  with a fresh optimizer state), or resumes the run in model_dir. -> a summary (losses, histories, speed)."""
   t0 = time.perf_counter()
   # --- 1. Checks that cost nothing, and the run directory -------------------------------------------------
   model_dir = Path(model_dir)
@@ -229,6 +231,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
   # --- 5. Restore or initialise -----------------------------------------------------------------------------
   checkpoints = Checkpointer(model_dir / "checkpoints", keep=train_config.keep_checkpoints)
   resumed = resume(checkpoints, run.abstract_state(), record, model_dir, train_data)
+  if resumed is None and init_params is not None:
+    resumed = run.init_from_params(init_params), 0
   state, step = resumed or (run.init(jax.random.PRNGKey(train_config.seed)), 0)
   if process_index == 0:
     (model_dir / "config.json").write_text(json.dumps(record, indent=1))

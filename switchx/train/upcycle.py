@@ -1,0 +1,107 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022): a trained dense T5 becomes a Switch model, then trains on.
+
+    params = upcycle_params(dense_config, dense_params, sparse_config, jax.random.PRNGKey(0))
+    summary = upcycle("runs/dense", sparse_config, train_config, data_config, model_dir="runs/upcycled")
+
+Every expert of a sparse layer starts as that layer's dense FFN (wi / wo copied E times), its router is fresh
+(normal with MoeConfig-independent `router_stddev`, 0.02 as a new model's router), and every other parameter is
+copied. With Drop-Upcycling (arXiv 2502.19261, `reinit_fraction` r > 0) each expert re-initialises a random r of
+its hidden units (the same columns of wi and rows of wo), drawn per expert, from the statistics of the dense
+weights, so the experts start diverse. Training then runs through the normal trainer (train/loop.py) with a fresh
+optimizer state; an interrupted run resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from switchx.config import DataConfig, ModelConfig, TrainConfig
+from switchx.parallel.mesh import MeshConfig
+from switchx.train import restore
+from switchx.train.loop import train
+
+DENSE_ONLY_FIELDS = ("encoder_sparse", "decoder_sparse")
+
+
+def check_upcyclable(dense: ModelConfig, sparse: ModelConfig, source: str = "the dense model") -> None:
+  """The sparse config must be the dense one with some dense FFN layers made sparse, experts of the FFN's size."""
+  if not sparse.is_sparse:
+    raise ValueError("the upcycled config has no sparse layer: give a Switch preset (e.g. --gin_file "
+                     "models/switch_cpu) or set ModelConfig.encoder_sparse / decoder_sparse.")
+  fields = [f for f in restore.ARCHITECTURE_FIELDS if f not in DENSE_ONLY_FIELDS]
+  for name in fields:
+    if getattr(dense, name) != getattr(sparse, name):
+      raise ValueError(f"ModelConfig.{name}={getattr(sparse, name)!r} differs from {source}'s "
+                       f"{getattr(dense, name)!r}; an upcycled model keeps every shape of the dense one. Drop the "
+                       f"binding or match {source}.")
+  if sparse.expert_d_ff != dense.d_ff:
+    raise ValueError(f"MoeConfig.expert_d_ff={sparse.moe.expert_d_ff} differs from {source}'s d_ff={dense.d_ff}: "
+                     "each expert starts as a copy of the dense FFN, so it must have its size (leave it None).")
+  for stack in ("encoder", "decoder"):
+    already = sorted(set(getattr(dense, f"{stack}_sparse_layers")) & set(getattr(sparse, f"{stack}_sparse_layers")))
+    if already:
+      raise ValueError(f"{source} already has sparse {stack} layers {already}; upcycling starts from dense FFNs.")
+
+
+def upcycle_params(dense_config: ModelConfig, dense_params, sparse_config: ModelConfig, rng: jax.Array,
+                   router_stddev: float = 0.02, reinit_fraction: float = 0.0) -> dict:
+  """The sparse model's parameters (numpy float32) from the dense model's: see the module doc."""
+  check_upcyclable(dense_config, sparse_config)
+  if not 0.0 <= reinit_fraction <= 1.0:
+    raise ValueError(f"reinit_fraction={reinit_fraction}: must be in [0, 1] (the share of each expert's hidden "
+                     "units Drop-Upcycling re-initialises; 0: plain upcycling).")
+  num_experts = sparse_config.moe.num_experts
+  params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), dense_params)
+  out = {"encoder": dict(params["encoder"]), "decoder": dict(params["decoder"])}
+  out.update({k: v for k, v in params.items() if k not in out})
+  rngs = iter(jax.random.split(rng, 64 + 2 * (sparse_config.num_encoder_layers + sparse_config.num_decoder_layers)))
+  for stack in ("encoder", "decoder"):
+    for i in getattr(sparse_config, f"{stack}_sparse_layers"):
+      layer = dict(out[stack][f"layers_{i}"])
+      mlp = layer.pop("mlp")                                             # {wi | wi_0, wi_1, wo: {kernel}}
+      experts = {name: np.repeat(w["kernel"][None], num_experts, axis=0) for name, w in mlp.items()}  # [E, ...]
+      if reinit_fraction > 0:
+        experts = _drop_upcycle(experts, reinit_fraction, next(rngs))
+      router = router_stddev * jax.random.normal(next(rngs), (dense_config.d_model, num_experts), jnp.float32)
+      layer["moe"] = {"experts": experts, "router": np.asarray(router)}
+      out[stack][f"layers_{i}"] = layer
+  return out
+
+
+def _drop_upcycle(experts: dict, fraction: float, rng: jax.Array) -> dict:
+  """Re-initialises `fraction` of each expert's hidden units: columns of wi* [E, D, F], rows of wo [E, F, D],
+  from normals with each dense matrix's mean and standard deviation."""
+  num_experts, d_ff = experts["wo"].shape[:2]
+  count = int(round(fraction * d_ff))
+  keys = jax.random.split(rng, num_experts + len(experts))
+  units = [np.asarray(jax.random.permutation(keys[e], d_ff))[:count] for e in range(num_experts)]  # E x [n]
+  out = {}
+  for j, (name, w) in enumerate(sorted(experts.items())):
+    fresh = w[0].mean() + w[0].std() * np.asarray(jax.random.normal(keys[num_experts + j], w.shape, jnp.float32))
+    w = w.copy()
+    for e, hidden in enumerate(units):
+      if name == "wo":
+        w[e][hidden, :] = fresh[e][hidden, :]
+      else:
+        w[e][:, hidden] = fresh[e][:, hidden]
+    out[name] = w
+  return out
+
+
+def upcycle(init_from: str | Path, model_config: ModelConfig, train_config: TrainConfig,
+            data_config: DataConfig = DataConfig(), mesh_config: MeshConfig = MeshConfig(),
+            model_dir: str | Path = "runs/upcycled", router_stddev: float = 0.02, reinit_fraction: float = 0.0,
+            operative_config: str = "", show_progress: bool = True) -> dict:
+  """Upcycles the dense model in `init_from` (a run directory, its best/, or a switchx.save directory) into
+  `model_config` and trains it with `train_config` from a fresh optimizer state. Re-running resumes."""
+  loaded = restore.load_model(init_from)
+  check_upcyclable(loaded.config, model_config, f"the model in {init_from}")
+  params = upcycle_params(loaded.config, jax.device_get(loaded.params), model_config,
+                          jax.random.PRNGKey(train_config.seed), router_stddev, reinit_fraction)
+  return train(model_config, train_config, data_config, mesh_config, model_dir=model_dir,
+               operative_config=operative_config, show_progress=show_progress, name="upcycle",
+               init_params=params)

@@ -1,0 +1,122 @@
+"""Sparse upcycling: a dense model's FFN copied into every expert with a fresh router gives the dense model's
+logits where each token reaches one expert with gate 1; Drop-Upcycling re-initialises exactly its share of each
+expert; bad configs fail before anything is built; `switchx upcycle` trains through the normal trainer."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from conftest import init_params, jitted_apply, tiny_config  # noqa: E402
+from run_dirs import task_tokenizer, tiny_model, write_run_dir  # noqa: E402
+from switchx import cli  # noqa: E402
+from switchx.config import MoeConfig, TrainConfig  # noqa: E402
+from switchx.train.upcycle import upcycle_params  # noqa: E402
+
+
+def _sparse(dense, **moe):
+  moe = MoeConfig(**{"num_experts": 4, "group_size": 64, "min_capacity": 1, **moe})
+  return dense.replace(encoder_sparse="every:2", decoder_sparse="every:2", moe=moe)
+
+
+def _logits(config, params):
+  rng = np.random.RandomState(0)
+  enc = jnp.asarray(rng.randint(1, 64, (3, 16)), jnp.int32)
+  dec = jnp.asarray(np.concatenate([np.zeros((3, 1)), rng.randint(1, 64, (3, 7))], 1), jnp.int32)
+  return np.asarray(jitted_apply(config)({"params": params}, enc, dec, train=False)[0])
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "index", "dropless"])
+def test_upcycled_model_gives_the_dense_logits_when_each_token_gets_one_expert_with_gate_1(dispatch):
+  dense = tiny_config(activation="gated-gelu")
+  dense_params = init_params(dense)
+  # top-1 with normalised gates: each token's gate is exactly 1; eval capacity factor 0: no token dropped.
+  sparse = _sparse(dense, normalize_gates=True, eval_capacity_factor=0.0, dispatch=dispatch)
+  params = upcycle_params(dense, dense_params, sparse, jax.random.PRNGKey(1))
+  # Bit-identical on the development machine (Xeon, XLA CPU); 1e-6 leaves room for another CPU's dot kernels
+  # summing the expert-major products in another order than the dense FFN's.
+  np.testing.assert_allclose(_logits(sparse, params), _logits(dense, dense_params), rtol=1e-6, atol=1e-6)
+  # Switch's raw gate (the router probability, ~1/E from a fresh router) scales every expert output down: the
+  # same parameters then give other logits, so the comparison above can fail.
+  raw = _sparse(dense, eval_capacity_factor=0.0, dispatch=dispatch)
+  assert np.abs(_logits(raw, params) - _logits(dense, dense_params)).max() > 1e-2
+
+
+def test_every_expert_starts_as_the_dense_ffn_and_the_rest_is_copied():
+  dense = tiny_config()
+  dense_params = init_params(dense)
+  sparse = _sparse(dense)
+  params = upcycle_params(dense, dense_params, sparse, jax.random.PRNGKey(1), router_stddev=0.1)
+  moe = params["encoder"]["layers_1"]["moe"]
+  assert set(moe["experts"]) == {"wi_0", "wi_1", "wo"} and "mlp" not in params["encoder"]["layers_1"]
+  for name, w in moe["experts"].items():
+    assert w.shape[0] == 4 and all(np.array_equal(w[e], dense_params["encoder"]["layers_1"]["mlp"][name]["kernel"])
+                                   for e in range(4))
+  assert moe["router"].shape == (32, 4) and 0.05 < moe["router"].std() < 0.2      # fresh, at the given scale
+  assert np.array_equal(params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"],
+                        dense_params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"])  # dense layers stay dense
+  assert np.array_equal(params["token_embedder"]["embedding"], dense_params["token_embedder"]["embedding"])
+  shapes = jax.tree_util.tree_map(np.shape, init_params(sparse))
+  assert jax.tree_util.tree_map(np.shape, params) == shapes                      # the sparse model's tree
+
+
+def test_drop_upcycling_reinitialises_its_share_of_each_experts_hidden_units():
+  dense = tiny_config(activation="relu")
+  dense_params = init_params(dense)
+  params = upcycle_params(dense, dense_params, _sparse(dense), jax.random.PRNGKey(1), reinit_fraction=0.25)
+  experts = params["decoder"]["layers_1"]["moe"]["experts"]
+  wi, wo = dense_params["decoder"]["layers_1"]["mlp"]["wi"]["kernel"], dense_params["decoder"]["layers_1"]["mlp"][
+      "wo"]["kernel"]
+  changed = []
+  for e in range(4):
+    columns = np.flatnonzero((experts["wi"][e] != wi).any(0))                     # hidden units of wi
+    rows = np.flatnonzero((experts["wo"][e] != wo).any(1))
+    assert len(columns) == 16 and np.array_equal(columns, rows)                   # 25% of 64, the same units
+    changed.append(set(columns))
+  assert len({frozenset(c) for c in changed}) > 1                                 # drawn per expert
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(encoder_sparse="none", decoder_sparse="none"), "no sparse layer"),
+    (dict(d_model=48), "d_model"),
+    (dict(moe=MoeConfig(num_experts=4, expert_d_ff=32)), "expert_d_ff"),
+])
+def test_bad_upcycling_configs_name_the_problem(change, message):
+  dense = tiny_config()
+  sparse = dataclasses.replace(_sparse(dense), **change)
+  with pytest.raises(ValueError, match=message):
+    upcycle_params(dense, init_params(dense), sparse, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="already has sparse"):
+    upcycle_params(_sparse(dense), init_params(_sparse(dense)), _sparse(dense), jax.random.PRNGKey(0))
+
+
+def test_command_line_upcycles_a_dense_run_trains_and_resumes(tmp_path, capsys):
+  tokenizer = task_tokenizer(tmp_path)
+  dense = tiny_model(encoder_sparse="none", decoder_sparse="none")
+  train = TrainConfig(batch_size=8, inputs_length=32, targets_length=8)
+  run = write_run_dir(tmp_path / "dense", dense, train, tokenizer)
+  sparse_flags = [f"--gin.ModelConfig.{k}={v}" for k, v in dict(
+      vocab_size=dense.vocab_size, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=1,
+      num_decoder_layers=1, activation="'relu'", relative_attention_num_buckets=8,
+      relative_attention_max_distance=16, encoder_sparse="'all'", decoder_sparse="'all'").items()]
+  argv = ["upcycle", "--init_from", str(run), "--model_dir", str(tmp_path / "up"), "--gin_file", "runs/demo",
+          *sparse_flags, "--gin.MoeConfig.num_experts=4", "--gin.TrainConfig.num_train_steps=30",
+          "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.inputs_length=32",
+          "--gin.TrainConfig.targets_length=8", "--gin.TrainConfig.eval_every=0",
+          "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.log_every=1",
+          f"--gin.DataConfig.tokenizer_path='{tokenizer}'", f"--gin.DataConfig.tokenizer_vocab_size={256}"]
+  assert cli.main(argv) == 0
+  assert "step 30:" in capsys.readouterr().out
+  history = [json.loads(line) for line in (tmp_path / "up" / "metrics.jsonl").read_text().splitlines()]
+  losses = [h["cross_entropy_loss"] for h in history if "cross_entropy_loss" in h]
+  assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5])
+  record = json.loads((tmp_path / "up" / "config.json").read_text())
+  assert record["model"]["encoder_sparse"] == "all" and record["model"]["moe"]["num_experts"] == 4
+  assert cli.main(argv) == 0                                                     # resumes: nothing left to do
+  assert "step 30:" in capsys.readouterr().out
