@@ -246,6 +246,30 @@ def _upcycle(args: argparse.Namespace) -> int:
   return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+  import dataclasses
+  import logging
+  from switchx import gin_config
+  from switchx.parallel.mesh import MeshConfig
+  from switchx.train.distill import distill
+  from switchx.train.loop import NonFiniteLossError
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  gin_config.parse(args.gin_file, args.gin_bindings)
+  train_config = gin_config.train_config()
+  if "TrainConfig.distill_soft_weight" not in " ".join(args.gin_bindings):
+    train_config = dataclasses.replace(train_config, distill_soft_weight=args.soft_weight)
+  mesh = MeshConfig.parse(args.mesh) if args.mesh else gin_config.mesh_config()
+  try:
+    summary = distill(args.teacher, gin_config.model_config(), train_config, gin_config.data_config(), mesh,
+                      model_dir=args.model_dir, init_from_teacher=not args.fresh_student,
+                      operative_config=gin_config.operative_config())
+  except NonFiniteLossError as e:
+    print(f"switchx distill: stopped: {e}", file=sys.stderr)
+    return 3
+  print(_summary_line(summary))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="switchx", description="Switch Transformers and sparse MoE in JAX/Flax.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -280,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
                   help="Drop-Upcycling: share of each expert's hidden units re-initialised (default 0: plain)")
   up.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1")
   up.set_defaults(run=_upcycle)
+
+  dist = sub.add_parser("distill", help="distil a trained (sparse) teacher into the student config (--gin_file: "
+                                        "e.g. a dense preset): targets mix the teacher's probabilities in")
+  _add_gin_flags(dist)
+  dist.add_argument("--teacher", required=True, help="the teacher: a `switchx train` directory (or its best/) or "
+                                                     "a switchx.save directory")
+  dist.add_argument("--model_dir", required=True, help="the student's run (re-running resumes it)")
+  dist.add_argument("--soft_weight", type=float, default=0.25, help="weight of the teacher's probabilities in "
+                                                                    "the target (Switch paper: 0.25)")
+  dist.add_argument("--fresh_student", action="store_true", help="do not copy the teacher's non-expert weights "
+                                                                  "into the student")
+  dist.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1")
+  dist.set_defaults(run=_distill)
 
   plan = sub.add_parser("plan", help="per-device memory of a config on a mesh, from shapes alone (no devices)")
   _add_gin_flags(plan)

@@ -292,6 +292,9 @@ class TrainConfig:
   grad_clip_norm: float = 0.0              # adamw: clip the global gradient norm when > 0
   gradient_accumulation_steps: int = 1
   z_loss_coef: float = 1e-4               # output-logit z-loss
+  distill_soft_weight: float = 0.0        # distillation: weight of the teacher's probabilities in the target
+                                          # (Switch paper: 0.25; needs batches with teacher_logits)
+  distill_temperature: float = 1.0        # distillation: softmax temperature of teacher and student
   batch_size: int = 32                    # global (all processes together)
   inputs_length: int = 512
   targets_length: int = 114
@@ -331,6 +334,10 @@ class TrainConfig:
             f"with adam_b2={self.adam_b2} the bfloat16 second moment averages its rounding noise over too few "
             f"of its tiny steps ({1 - self.adam_b2:.4g} of itself each) and carries more than ~5% noise. Use "
             f"adam_b2 <= {1 - BF16_MIN_MOMENT_STEP:g} or adam_moments_dtype='float32'.")
+    if not 0.0 <= self.distill_soft_weight <= 1.0:
+      _fail(own, "distill_soft_weight", self.distill_soft_weight, "must be in [0, 1] (0: no distillation).")
+    if not self.distill_temperature > 0:
+      _fail(own, "distill_temperature", self.distill_temperature, "must be > 0.")
     if self.batch_size % self.gradient_accumulation_steps:
       _fail(own, "gradient_accumulation_steps", self.gradient_accumulation_steps,
             f"must divide batch_size={self.batch_size} (each micro-batch gets the same number of rows).")

@@ -31,6 +31,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_l
   return ce.sum(), z.sum(), correct.sum()
 
 
+def soft_cross_entropy(logits: jax.Array, teacher_logits: jax.Array, weights: jax.Array,
+                       temperature: float = 1.0) -> jax.Array:
+  """Sum over real target tokens of the cross-entropy from softmax(teacher_logits / T) to softmax(logits / T).
+  logits, teacher_logits [B, L, V] (the teacher's held constant: no gradient flows into it)."""
+  teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, axis=-1)
+  log_student = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  return (-(teacher * log_student).sum(-1) * weights).sum()
+
+
 def argmax(logits: jax.Array) -> jax.Array:
   """jnp.argmax over the last axis (the first maximum; the first NaN if any), as int32, in two plain reductions.
   XLA's CPU backend runs argmax's (value, index) reduction unvectorised (slow over a large vocabulary in every
@@ -74,7 +83,8 @@ def transformers_router_losses(config: ModelConfig, moe_aux: dict) -> tuple[jax.
 
 def total_loss(config: ModelConfig, logits: jax.Array, moe_aux: dict, batch: dict,
                z_loss_coef: float | None = None, num_tokens: jax.Array | None = None,
-               moe_weight: float = 1.0) -> tuple[jax.Array, dict]:
+               moe_weight: float = 1.0, soft_weight: float = 0.0, temperature: float = 1.0
+               ) -> tuple[jax.Array, dict]:
   """The scalar to differentiate and the metrics to log.
 
   loss = (CE + output z-loss) / real target tokens + balance_coef * balance + router_z_coef * router z, where
@@ -83,6 +93,11 @@ def total_loss(config: ModelConfig, logits: jax.Array, moe_aux: dict, batch: dic
   which has none. Metrics are named `*_loss` for losses, `router/*` for router statistics.
   With gradient accumulation each micro-batch passes the whole batch's `num_tokens` and `moe_weight` =
   1 / micro-batches, so the micro-batch losses add up to the whole batch's loss.
+  Distillation (soft_weight w > 0, batch["teacher_logits"] [B, L, V]): the CE term becomes
+  (1 - w) * CE(targets) + w * CE(softmax(teacher / T) -> softmax(logits / T)), i.e. the cross-entropy to the
+  target mixing w of the teacher's probabilities with 1 - w of the one-hot target (Switch paper, Table 6: w =
+  0.25). "cross_entropy_loss" stays the hard targets' (what held-out evaluation reports); "distill_loss" is the
+  soft term. w = 0 leaves the loss exactly as without a teacher.
   """
   hf_semantics = config.moe.semantics == "transformers"
   if z_loss_coef is None:
@@ -95,10 +110,17 @@ def total_loss(config: ModelConfig, logits: jax.Array, moe_aux: dict, batch: dic
     num_tokens = weights.sum()
   num_tokens = jnp.maximum(num_tokens, 1.0)
   ce, z, correct = cross_entropy(logits, targets, weights, z_loss_coef)
+  objective = ce
+  if soft_weight > 0:
+    if "teacher_logits" not in batch:
+      raise ValueError("distillation (TrainConfig.distill_soft_weight > 0) needs batches with teacher_logits: "
+                       "train through switchx.train.distill, or set distill_soft_weight=0.")
+    soft = soft_cross_entropy(logits, batch["teacher_logits"], weights, temperature)
+    objective = (1.0 - soft_weight) * ce + soft_weight * soft
   balance, router_z = (transformers_router_losses if hf_semantics else moe_losses)(config, moe_aux)
   moe = config.moe
   moe_term = moe.load_balance_loss_coef * balance + moe.router_z_loss_coef * router_z
-  loss = (ce + z) / num_tokens + moe_weight * moe_term
+  loss = (objective + z) / num_tokens + moe_weight * moe_term
   metrics = {
       "loss": loss,
       "cross_entropy_loss": ce / num_tokens,
@@ -106,6 +128,8 @@ def total_loss(config: ModelConfig, logits: jax.Array, moe_aux: dict, batch: dic
       "accuracy": correct / num_tokens,
       "num_target_tokens": weights.sum(),
   }
+  if soft_weight > 0:
+    metrics["distill_loss"] = soft / num_tokens
   if moe_aux:
     metrics["load_balance_loss"] = balance
     metrics["router_z_loss"] = router_z

@@ -106,6 +106,23 @@ class StopSignals:
       signal.signal(sig, handler)
 
 
+class WithExtras:
+  """A data pipeline whose batches get add_to_batch(batch)'s arrays too; its state is the pipeline's."""
+
+  def __init__(self, pipeline, add_to_batch: Callable[[dict], dict]):
+    self.pipeline, self.add_to_batch = pipeline, add_to_batch
+
+  def __next__(self) -> dict:
+    batch = next(self.pipeline)
+    return {**batch, **self.add_to_batch(batch)}
+
+  def get_state(self):
+    return self.pipeline.get_state()
+
+  def set_state(self, state) -> None:
+    self.pipeline.set_state(state)
+
+
 def resume(checkpoints: Checkpointer, abstract_state, record: dict, model_dir: Path, data):
   """(state, step) of the newest checkpoint, with `data` (a pipeline or mixture) back at its position; None
   when there is none. A checkpoint made with another ModelConfig is an error."""
@@ -198,11 +215,16 @@ def run_loop(run, state, step: int, data, rng, tc: TrainConfig, writer: MetricWr
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig = DataConfig(),
           mesh_config: MeshConfig = MeshConfig(), model_dir: str | Path = "runs/switchx",
-          operative_config: str = "", show_progress: bool = True, name: str = "train", init_params=None) -> dict:
+          operative_config: str = "", show_progress: bool = True, name: str = "train", init_params=None,
+          add_to_batch: Callable[[dict], dict] | None = None) -> dict:
   """Trains `model_config` from scratch (or from `init_params`, a parameter tree such as an upcycled model's,
-  with a fresh optimizer state), or resumes the run in model_dir. -> a summary (losses, histories, speed)."""
+  with a fresh optimizer state), or resumes the run in model_dir. add_to_batch(host batch) -> extra arrays for
+  each training batch (distillation's teacher_logits). -> a summary (losses, histories, speed)."""
   t0 = time.perf_counter()
   # --- 1. Checks that cost nothing, and the run directory -------------------------------------------------
+  if train_config.distill_soft_weight > 0 and add_to_batch is None:
+    raise ValueError(f"TrainConfig.distill_soft_weight={train_config.distill_soft_weight} needs a teacher: use "
+                     "`switchx distill --teacher DIR` (switchx.train.distill), or set it to 0.")
   model_dir = Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
   record = config_record(model=model_config, train=train_config, data=data_config, mesh=mesh_config)
@@ -221,8 +243,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
   check_vocab(model_config, tokenizer.vocab_size - 1, f"the tokenizer's ids (vocabulary {tokenizer.vocab_size})")
 
   # --- 4. Model, optimizer, shardings (validated), compiled steps ------------------------------------------
-  global_shapes = {k: np.zeros((train_config.batch_size,) + v.shape[1:], v.dtype) for k, v in
-                   eval_batches[0].items()}
+  if add_to_batch is not None:
+    train_data = WithExtras(train_data, add_to_batch)
+    example = {**eval_batches[0], **add_to_batch(eval_batches[0])}
+  else:
+    example = eval_batches[0]
+  global_shapes = {k: np.zeros((train_config.batch_size,) + v.shape[1:], v.dtype) for k, v in example.items()}
   run = state_lib.build(model_config, train_config, partitioner, global_shapes)
   rng = jax.random.PRNGKey(train_config.seed + 1)  # folded with the step inside train_step
   log.info("compiling the train step")

@@ -169,7 +169,8 @@ def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partition
   train_step = jax.jit(
       functools.partial(step_lib.train_step, model=model, optimizer=optimizer, schedule=schedule,
                         z_loss_coef=train_config.z_loss_coef,
-                        accumulation_steps=train_config.gradient_accumulation_steps),
+                        accumulation_steps=train_config.gradient_accumulation_steps,
+                        distill=(train_config.distill_soft_weight, train_config.distill_temperature)),
       in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated),
       donate_argnums=(0,), compiler_options=compiler_options(partitioner))
   eval_step = jax.jit(functools.partial(step_lib.eval_step, model=model),

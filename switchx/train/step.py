@@ -58,22 +58,23 @@ def target_weights(batch: dict) -> jax.Array:
 
 
 def loss_and_metrics(params, batch: dict, rng: jax.Array | None, *, model: EncoderDecoder, z_loss_coef: float,
-                     train: bool, num_tokens=None, moe_weight: float = 1.0):
+                     train: bool, num_tokens=None, moe_weight: float = 1.0, distill: tuple[float, float] = (0.0, 1.0)):
+  """(loss, metrics) of one batch; distill = (soft weight, temperature), see losses.total_loss."""
   rngs = None
   if train:
     rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(RNG_STREAMS)}
   logits, moe_aux = model.apply({"params": params}, **model_inputs(batch), train=train, rngs=rngs)
-  return total_loss(model.config, logits, moe_aux, batch, z_loss_coef, num_tokens, moe_weight)
+  return total_loss(model.config, logits, moe_aux, batch, z_loss_coef, num_tokens, moe_weight, *distill)
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: EncoderDecoder,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, z_loss_coef: float = 1e-4,
-               accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+               accumulation_steps: int = 1, distill: tuple[float, float] = (0.0, 1.0)) -> tuple[TrainState, dict]:
   """One optimizer update. With accumulation_steps = k the batch is split into k micro-batches whose
   gradients are summed (a scan), each loss already normalised by the whole batch's target-token count."""
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-  kwargs = dict(model=model, z_loss_coef=z_loss_coef, train=True)
+  kwargs = dict(model=model, z_loss_coef=z_loss_coef, train=True, distill=distill)
   if accumulation_steps == 1:
     (_, metrics), grads = grad_fn(state.params, batch, rng, **kwargs)
   else:
