@@ -19,6 +19,14 @@ def _add_gin_flags(parser: argparse.ArgumentParser) -> None:
                    "(see docs/configuration.md).")
 
 
+def _add_run_flags(parser: argparse.ArgumentParser, model_dir_help: str) -> None:
+  """The flags of every command that trains: gin files and bindings, --model_dir, --mesh."""
+  _add_gin_flags(parser)
+  parser.add_argument("--model_dir", required=True, help=model_dir_help)
+  parser.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1 (default: all "
+                                                 "devices on 'data', or MeshConfig bindings)")
+
+
 def _params(args: argparse.Namespace) -> int:
   import json
   from switchx import gin_config, model_stats
@@ -287,35 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
   params.set_defaults(run=_params)
 
   train = sub.add_parser("train", help="train (or resume) a model: span-corruption pre-training")
-  _add_gin_flags(train)
-  train.add_argument("--model_dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, config.gin")
-  train.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1 (default: all "
-                                                 "devices on 'data', or MeshConfig bindings)")
+  _add_run_flags(train, "checkpoints, metrics.jsonl, TensorBoard, config.gin")
   train.set_defaults(run=_train)
 
   up = sub.add_parser("upcycle", help="sparse upcycling: a trained dense model's FFN copied into every expert "
                                       "of the sparse config (--gin_file: a Switch preset), fresh routers, then train")
-  _add_gin_flags(up)
+  _add_run_flags(up, "the upcycled run (re-running resumes it)")
   up.add_argument("--init_from", required=True, help="the dense model: a `switchx train` directory (or its best/) "
                                                      "or a switchx.save directory")
-  up.add_argument("--model_dir", required=True, help="the upcycled run (re-running resumes it)")
   up.add_argument("--router_stddev", type=float, default=0.02, help="the fresh routers' init standard deviation")
   up.add_argument("--reinit_fraction", type=float, default=0.0,
                   help="Drop-Upcycling: share of each expert's hidden units re-initialised (default 0: plain)")
-  up.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1")
   up.set_defaults(run=_upcycle)
 
   dist = sub.add_parser("distill", help="distil a trained (sparse) teacher into the student config (--gin_file: "
                                         "e.g. a dense preset): targets mix the teacher's probabilities in")
-  _add_gin_flags(dist)
+  _add_run_flags(dist, "the student's run (re-running resumes it)")
   dist.add_argument("--teacher", required=True, help="the teacher: a `switchx train` directory (or its best/) or "
                                                      "a switchx.save directory")
-  dist.add_argument("--model_dir", required=True, help="the student's run (re-running resumes it)")
   dist.add_argument("--soft_weight", type=float, default=0.25, help="weight of the teacher's probabilities in "
                                                                     "the target (Switch paper: 0.25)")
   dist.add_argument("--fresh_student", action="store_true", help="do not copy the teacher's non-expert weights "
                                                                   "into the student")
-  dist.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=4,model=1")
   dist.set_defaults(run=_distill)
 
   plan = sub.add_parser("plan", help="per-device memory of a config on a mesh, from shapes alone (no devices)")

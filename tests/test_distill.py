@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from conftest import init_params, tiny_config, tiny_switch_config  # noqa: E402
-from run_dirs import task_tokenizer, tiny_model, write_run_dir  # noqa: E402
+from run_dirs import command_flags, task_tokenizer, tiny_model, write_run_dir  # noqa: E402
 from switchx import cli  # noqa: E402
 from switchx.config import DataConfig, TrainConfig  # noqa: E402
 from switchx.losses import total_loss  # noqa: E402
@@ -106,17 +106,10 @@ def test_command_line_distils_a_sparse_teacher_into_a_dense_student_and_resumes(
   teacher = tiny_model()                                            # every FFN sparse, 4 experts
   run = write_run_dir(tmp_path / "teacher", teacher, TrainConfig(batch_size=8, inputs_length=32,
                                                                  targets_length=8), tokenizer)
-  flags = [f"--gin.ModelConfig.{k}={v}" for k, v in dict(
-      vocab_size=teacher.vocab_size, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=1,
-      num_decoder_layers=1, activation="'relu'", relative_attention_num_buckets=8,
-      relative_attention_max_distance=16, encoder_sparse="'none'", decoder_sparse="'none'").items()]
+  student = tiny_model(encoder_sparse="none", decoder_sparse="none")
   # soft weight 1: the student learns the (random) teacher's distribution alone, so its distance to it falls
   argv = ["distill", "--teacher", str(run), "--model_dir", str(tmp_path / "student"), "--gin_file", "runs/demo",
-          "--soft_weight", "1.0",
-          *flags, "--gin.TrainConfig.num_train_steps=30", "--gin.TrainConfig.batch_size=8",
-          "--gin.TrainConfig.inputs_length=32", "--gin.TrainConfig.targets_length=8",
-          "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.log_every=1",
-          f"--gin.DataConfig.tokenizer_path='{tokenizer}'", "--gin.DataConfig.tokenizer_vocab_size=256"]
+          "--soft_weight", "1.0", *command_flags(student, tokenizer)]
   assert cli.main(argv) == 0
   assert "step 30:" in capsys.readouterr().out
   history = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]

@@ -27,6 +27,21 @@ def tiny_model(**changes) -> ModelConfig:
   return ModelConfig(**{**base, **changes})
 
 
+def command_flags(model: ModelConfig, tokenizer_path: Path, steps: int = 30) -> list[str]:
+  """gin flags that make a `switchx train`-style command build `model` (a tiny_model) and train it `steps` steps
+  on the built-in corpus with the task tokenizer, logging every step, evaluating only at the end."""
+  fields = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers", "num_decoder_layers",
+            "activation", "relative_attention_num_buckets", "relative_attention_max_distance", "encoder_sparse",
+            "decoder_sparse")
+  return ([f"--gin.ModelConfig.{name}={getattr(model, name)!r}" for name in fields]
+          + [f"--gin.MoeConfig.num_experts={model.moe.num_experts}", f"--gin.TrainConfig.num_train_steps={steps}",
+             "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.inputs_length=32",
+             "--gin.TrainConfig.targets_length=8", "--gin.TrainConfig.eval_every=0",
+             "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.log_every=1",
+             f"--gin.DataConfig.tokenizer_path='{tokenizer_path}'",
+             f"--gin.DataConfig.tokenizer_vocab_size={TOKENIZER_PIECES}"])
+
+
 def task_tokenizer(directory: Path):
   """A SentencePiece model trained on the offline task's text only (half a second), saved as a file."""
   path = directory / "spm.model"
