@@ -34,6 +34,14 @@ QUICK = dict(preset="models/switch_cpu", steps=4, eval_every=2, batch_size=4, in
                     "TrainConfig.eval_batches=1"])
 
 
+# The two model families every comparison trains (on top of the preset): dense FFNs, or every FFN sparse.
+DENSE = ["ModelConfig.encoder_sparse='none'", "ModelConfig.decoder_sparse='none'"]
+
+
+def all_sparse(experts: int) -> list[str]:
+  return ["ModelConfig.encoder_sparse='all'", "ModelConfig.decoder_sparse='all'", f"MoeConfig.num_experts={experts}"]
+
+
 def parser(description: str, experts: tuple[int, ...] | None = None) -> argparse.ArgumentParser:
   """The options every script takes; `experts` (the script's default expert counts, 0 = dense) adds --experts."""
   p = argparse.ArgumentParser(description=description)
@@ -78,8 +86,13 @@ def model_config(base: dict):
   return gin_config.model_config()
 
 
-def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -> dict:
-  """Trains one configuration from scratch and returns its summary (curves, final losses, speed)."""
+def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str, trainer=None,
+        keep_model: bool = False, key_extra: dict | None = None) -> dict:
+  """Trains one configuration from scratch and returns its summary (curves, final losses, speed).
+
+  trainer(model_config, train_config, data_config, model_dir) replaces train.loop.train (e.g. upcycling or
+  distillation from another run; `key_extra` then names that run in the cache key). keep_model keeps the run's
+  checkpoints (another run starts from them); otherwise only metrics.jsonl is kept."""
   bindings = [f"TrainConfig.num_train_steps={base['steps']}", f"TrainConfig.eval_every={base['eval_every']}",
               f"TrainConfig.checkpoint_every={base['steps']}", f"TrainConfig.seed={seed}",
               f"TrainConfig.batch_size={base['batch_size']}", f"TrainConfig.inputs_length={base['inputs_length']}",
@@ -88,12 +101,14 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
   gin_config.parse([base["preset"], "runs/demo"], bindings)
   model, train_cfg = gin_config.model_config(), gin_config.train_config()
   configs = [model, train_cfg, gin_config.data_config()]
-  cached = Path(work_dir) / "results" / f"{run_key(configs)}.json"
+  cached = Path(work_dir) / "results" / f"{run_key(configs + ([key_extra] if key_extra else []))}.json"
   legacy = Path(work_dir) / "results" / (hashlib.sha256(json.dumps([base["preset"], bindings]).encode())
                                          .hexdigest()[:16] + ".json")   # runs cached before keys were resolved
   if not cached.exists() and legacy.exists():
     shutil.copy(legacy, cached)
   model_dir = Path(work_dir) / f"{name}-seed{seed}"
+  if cached.exists() and keep_model and not (model_dir / "checkpoints").is_dir():
+    cached.unlink()                         # its checkpoints are needed and were dropped: train it again
   if cached.exists():  # the same run made by another script (e.g. sparse_vs_dense reuses expert_count's runs)
     result = json.loads(cached.read_text())
     metrics = model_dir / "metrics.jsonl"
@@ -105,8 +120,11 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
     return result
   shutil.rmtree(model_dir, ignore_errors=True)
   started = time.perf_counter()
-  summary = train(model, train_cfg, gin_config.data_config(), model_dir=model_dir, show_progress=False,
-                  name=f"{name} seed {seed}")
+  if trainer is None:
+    summary = train(model, train_cfg, gin_config.data_config(), model_dir=model_dir, show_progress=False,
+                    name=f"{name} seed {seed}")
+  else:
+    summary = trainer(model, train_cfg, gin_config.data_config(), model_dir)
   if summary["interrupted"]:  # nothing is cached, so rerunning the script trains this run again
     raise SystemExit(f"{name} seed {seed}: {summary['interrupted']} at step {summary['final_step']} of "
                      f"{base['steps']}; no result was recorded for this run (rerun the script to train it).")
@@ -126,7 +144,9 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str) -
         f"({result['wall_s']:.0f}s, {result['tokens_per_s'] or 0:,.0f} tokens/s)", flush=True)
   cached.parent.mkdir(parents=True, exist_ok=True)
   cached.write_text(json.dumps(result))
-  shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the bulky state
+  if not keep_model:
+    shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the bulky state
+  result["model_dir"] = str(model_dir)
   return result
 
 
@@ -134,8 +154,8 @@ def run_key(configs: list) -> str:
   """The run cache's key: a hash of the resolved configurations (frozen dataclasses), so bindings that differ in
   order or that override one another (a dense twin under a --gin layout) find the same run. Only fields that
   differ from their defaults enter it, so a new config field whose default keeps the old behaviour does not
-  invalidate the cache."""
-  text = json.dumps([changed_fields(c) for c in configs], sort_keys=True)
+  invalidate the cache. A plain dict among them (what a run starts from) enters as it is."""
+  text = json.dumps([changed_fields(c) if dataclasses.is_dataclass(c) else c for c in configs], sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from experiments import common
 
-ALL_SPARSE = ["ModelConfig.encoder_sparse='all'", "ModelConfig.decoder_sparse='all'"]
-DENSE = ["ModelConfig.encoder_sparse='none'", "ModelConfig.decoder_sparse='none'"]
+DENSE = common.DENSE
 D64 = ["ModelConfig.d_model=64", "ModelConfig.num_heads=4", "ModelConfig.head_dim=16", "ModelConfig.d_ff=256"]
 
 
@@ -91,7 +90,7 @@ def main(argv=None) -> dict:
     base = dict(common.QUICK, seeds=1) if args.quick else candidate_base(settings, args)
     d_ff = common.model_config(base).d_ff
     models = {"dense": DENSE, f"dense, d_ff x{args.wide}": [*DENSE, f"ModelConfig.d_ff={args.wide * d_ff}"],
-              f"switch-{args.experts}": [*ALL_SPARSE, f"MoeConfig.num_experts={args.experts}"]}
+              f"switch-{args.experts}": common.all_sparse(args.experts)}
     results = {}
     for label, overrides in models.items():
       runs = [common.run(f"{name}-{label.replace(', ', '-').replace(' ', '')}", overrides, seed, base, args.work_dir)

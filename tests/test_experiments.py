@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import (adam_moments, capacity_factor, expert_count, gpu_scaling, init_scale, regime, report,
-                         sparse_vs_dense)
+from experiments import (adam_moments, capacity_factor, distillation, expert_count, gpu_scaling, init_scale,
+                         regime, report, sparse_vs_dense, upcycling)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,8 @@ def work(tmp_path_factory):
 @pytest.mark.parametrize("script,name,extra", [
     (expert_count, "expert_count", ["--wide", "2", "--at_steps", "2"]), (capacity_factor, "capacity_factor", []),
     (sparse_vs_dense, "sparse_vs_dense", ["--target_step", "2"]), (init_scale, "init_scale", []),
-    (adam_moments, "adam_moments", []), (gpu_scaling, "gpu_scaling", []), (regime, "regime", [])])
+    (adam_moments, "adam_moments", []), (gpu_scaling, "gpu_scaling", []), (regime, "regime", []),
+    (upcycling, "upcycling", []), (distillation, "distillation", [])])
 def test_script_quick_mode(script, name, extra, work):
   out = work / "results"
   script.main(["--quick", "--out", str(out), "--work_dir", str(work / "runs"), *extra])
@@ -43,6 +44,12 @@ def test_script_quick_mode(script, name, extra, work):
     row = payload["rows"][0]
     assert list(row["models"]) == ["dense", "dense, d_ff x8", "switch-8"] and row["gate_passed"] is None
     assert row["models"]["dense, d_ff x8"]["params"] > row["models"]["dense"]["params"]
+  if name == "upcycling":  # three arms at equal compute; the upcycled curve starts after the dense steps
+    assert [row["arm"] for row in payload["rows"]] == ["dense continued", "upcycled", "switch-8 from scratch"]
+    assert payload["rows"][1]["runs"][0]["eval_curve"][0][0] > payload["dense_steps"]
+  if name == "distillation":  # the kept share is not read where the teacher has no gain to keep
+    assert len(payload["kept_gain"]) == 1
+    assert ("not read" in (out / f"{name}.md").read_text()) == (payload["teacher_gain"] <= 0)
   if name == "gpu_scaling":  # tokens/s per model; MFU needs a known peak (none for a CPU)
     assert all(row["tokens_per_s"] > 0 for row in payload["rows"]) and payload["peak_flops"] is None
     assert {row["experts"] for row in payload["rows"]} == {0, 8}
