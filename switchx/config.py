@@ -83,6 +83,9 @@ class MoeConfig:
   expert_dtype: str = "auto"             # the experts' compute dtype; "auto": the model's dtype, but float32
                                          # when training on a CPU with few tokens per expert (see
                                          # moe.experts.expert_compute_dtype); or "float32" / "bfloat16"
+  shared_expert_d_ff: int = 0            # > 0: a dense FFN of this size every token also passes through, beside
+                                         # the routed experts (Qwen-MoE's shared expert); 0: none
+  shared_expert_gate: bool = True        # scale the shared expert's output by sigmoid(x . w_gate), as Qwen-MoE
   load_balance_loss_coef: float = 0.01
   router_z_loss_coef: float = 0.0
   num_group_partitions: int = 1          # shards the routing groups are split over (the mesh's data x expert
@@ -144,6 +147,8 @@ class MoeConfig:
       _fail(own, "expert_d_ff", self.expert_d_ff, "must be >= 1 or None.")
     if self.num_group_partitions < 1:
       _fail(own, "num_group_partitions", self.num_group_partitions, "must be >= 1.")
+    if self.shared_expert_d_ff < 0:
+      _fail(own, "shared_expert_d_ff", self.shared_expert_d_ff, "must be >= 0 (0: no shared expert).")
 
   def capacity(self, group_size: int, train: bool) -> int:
     """Expert capacity C for a group of `group_size` tokens.

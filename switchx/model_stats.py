@@ -56,8 +56,10 @@ def flops_per_token(config: ModelConfig, inputs_length: int = 512, targets_lengt
   le, ld = inputs_length, targets_length
   ffn_matrices = 3 if config.activation.startswith("gated-") else 2
   dense_ffn = 2 * ffn_matrices * d * f
+  shared = config.moe.shared_expert_d_ff
   sparse_ffn = (2 * d * config.moe.num_experts
-                + experts_per_token(config) * 2 * ffn_matrices * d * config.expert_d_ff)
+                + experts_per_token(config) * 2 * ffn_matrices * d * config.expert_d_ff
+                + (2 * ffn_matrices * d * shared + 2 * d * config.moe.shared_expert_gate if shared else 0))
   enc_sparse, dec_sparse = set(config.encoder_sparse_layers), set(config.decoder_sparse_layers)
 
   total = 0.0
@@ -89,6 +91,8 @@ def module_table(config: ModelConfig) -> list[tuple[str, int]]:
       kind = f"{parts[0]} {parts[1].replace('_', ' ')}"
     elif "experts" in parts:
       kind = f"{parts[0]} experts"
+    elif "shared_expert" in parts or "shared_expert_gate" in parts:
+      kind = f"{parts[0]} shared experts"
     elif parts[-1] == "router":
       kind = f"{parts[0]} routers"
     else:

@@ -556,3 +556,54 @@ def test_router_gradient_through_the_gate_equals_finite_differences_of_the_oracl
     expected[i, j] = (reference(plus) - reference(minus)) / (2 * eps)
   assert np.abs(expected).max() > 1e-2                   # the gates carry a real signal to the router
   np.testing.assert_allclose(grad, expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())
+
+
+# --- the shared expert (Qwen-MoE) ------------------------------------------------------------------------------
+def test_shared_expert_adds_its_gated_dense_ffn_to_the_routed_output():
+  """With the routed experts' output weights zeroed, the layer's output is exactly sigmoid(x . g) * FFN(x),
+  computed here from the parameters by hand; without the gate, FFN(x)."""
+  x, mask = random_inputs(3, batch=2, length=6)
+  for gate in (True, False):
+    config = layer_config(activation="relu", shared_expert_d_ff=12, shared_expert_gate=gate, dispatch="index")
+    params = init_layer(config, x, seed=2)
+    params = {**params, "experts": {**params["experts"], "wo": jnp.zeros_like(params["experts"]["wo"])}}
+    y, _, _ = run_layer(config, params, x, mask)
+    shared = params["shared_expert"]
+    expected = jax.nn.relu(x @ shared["wi"]["kernel"]) @ shared["wo"]["kernel"]          # [B, L, D]
+    if gate:
+      expected = jax.nn.sigmoid(x @ params["shared_expert_gate"]["kernel"]) * expected
+    else:
+      assert "shared_expert_gate" not in params
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_every_dispatch_path_gives_the_same_answer_with_a_shared_expert(top_k):
+  x, mask = random_inputs(4, batch=2, length=8)
+  results = []
+  for dispatch in ("einsum", "index", "dropless"):
+    config = layer_config(shared_expert_d_ff=8, top_k=top_k, normalize_gates=True, eval_capacity_factor=0.0,
+                          group_size=16, dispatch=dispatch)
+    params = init_layer(config, x, seed=1)
+    loss = lambda params, x: jnp.sum(jnp.sin(run_layer(config, params, x, mask)[0]))
+    results.append(jax.value_and_grad(loss, argnums=(0, 1))(params, x))
+  (v0, g0), *others = results
+  for value, grads in others:
+    np.testing.assert_allclose(value, v0, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(g0)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_expert_counts_as_active_parameters_and_flops():
+  from switchx import model_stats
+  base = ModelConfig(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=2,
+                     num_decoder_layers=2, activation="relu", encoder_sparse="all", decoder_sparse="all",
+                     moe=MoeConfig(num_experts=4))
+  shared = base.replace(moe=MoeConfig(num_experts=4, shared_expert_d_ff=24))
+  plain, more = model_stats.param_counts(base), model_stats.param_counts(shared)
+  added = 4 * (2 * 16 * 24 + 16)                              # per sparse layer: wi, wo and the gate [D, 1]
+  assert more["total_params"] - plain["total_params"] == added
+  assert more["active_params"] - plain["active_params"] == added and more["expert_params"] == plain["expert_params"]
+  flops = model_stats.flops_per_token(shared, 16, 16) - model_stats.flops_per_token(base, 16, 16)
+  assert flops == pytest.approx(2 * (2 * 2 * 16 * 24 + 2 * 16), rel=1e-9)   # 2 sparse layers per token
+  assert ("encoder shared experts", 2 * (2 * 16 * 24 + 16)) in model_stats.module_table(shared)

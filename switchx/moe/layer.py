@@ -9,6 +9,7 @@ C capacity (slots per expert per group), K experts per token, D d_model, F exper
     expert_out = Experts(expert_in)                  moe/experts.py: [E, G, C, D]
     y = dispatcher.combine(expert_out) -> [B, L, D]  a token with no expert slot gets exactly zero (the
                                                      residual carries it)
+    y += sigmoid(x . g) * shared_expert(x)           only with MoeConfig.shared_expert_d_ff (Qwen-MoE)
     aux = router_stats(...)                          losses and metrics over real tokens
 
 MoeConfig.semantics="transformers" reproduces transformers' SwitchTransformers: G = B and S = L (one group per
@@ -27,6 +28,8 @@ from switchx.config import ModelConfig, MoeConfig
 from switchx.moe.dispatch import capacity_and_block, make_dispatcher
 from switchx.moe.experts import Experts
 from switchx.moe.routing import ExpertChoice, Router, TokenChoice
+from switchx.nn.linear import DenseGeneral
+from switchx.nn.mlp import MlpBlock
 
 
 def group_shape(num_tokens: int, max_group_size: int, num_partitions: int = 1) -> tuple[int, int]:
@@ -67,6 +70,11 @@ class MoeLayer(nn.Module):
     nn.share_scope(self, self.route)       # the router's kernel is this layer's parameter "router"
     self.experts = Experts(self.moe.num_experts, self.d_ff, self.activation, self.dropout_rate, self.init_scale,
                            jnp.dtype(self.dtype), self.moe.expert_dtype)
+    if self.moe.shared_expert_d_ff:
+      self.shared_expert = MlpBlock(self.moe.shared_expert_d_ff, self.activation, self.dropout_rate,
+                                    self.init_scale, jnp.dtype(self.dtype))
+      if self.moe.shared_expert_gate:
+        self.shared_expert_gate = DenseGeneral(1, (EMBED, UNMODELED), init_scale=self.init_scale)
 
   def __call__(self, x: jax.Array, token_mask: jax.Array, train: bool) -> tuple[jax.Array, dict]:
     moe, dtype = self.moe, jnp.dtype(self.dtype)
@@ -87,7 +95,9 @@ class MoeLayer(nn.Module):
     self.sow("intermediates", "expert_inputs", expert_in)
     expert_out = self.experts(expert_in, not train, dispatcher.block_expert)   # same shape
     y = dispatcher.combine(expert_out)                                         # [G, S, D]
-    y = nn.with_logical_constraint(y, (BATCH, UNMODELED, EMBED))
+    y = nn.with_logical_constraint(y, (BATCH, UNMODELED, EMBED)).reshape(batch, length, d_model)
+    if moe.shared_expert_d_ff:                                                 # beside the routed experts
+      y = y + self.shared(x, train)
 
     aux = router_stats(routing.logits, routing.probs, mask, routing.decision, moe.num_experts)
     aux["capacity"] = jnp.asarray(capacity, jnp.int32)
@@ -95,7 +105,16 @@ class MoeLayer(nn.Module):
     if moe.semantics == "transformers":  # per sequence, what losses.transformers_router_losses combines
       aux["argmax_fraction"] = jax.nn.one_hot(jnp.argmax(routing.logits, -1), moe.num_experts).mean(1)  # [B, E]
       aux["mean_router_prob"] = routing.probs.mean(1)                                                   # [B, E]
-    return y.reshape(batch, length, d_model), aux
+    return y, aux
+
+  def shared(self, x: jax.Array, train: bool) -> jax.Array:
+    """The shared expert (Qwen-MoE): a dense FFN every token passes through, its output scaled by a sigmoid
+    gate of the token when MoeConfig.shared_expert_gate. x [B, L, D] -> [B, L, D]."""
+    out = self.shared_expert(x, deterministic=not train)                      # [B, L, D]
+    if self.moe.shared_expert_gate:
+      gate = self.shared_expert_gate(x.astype(jnp.float32))                   # [B, L, 1] float32
+      out = (jax.nn.sigmoid(gate) * out.astype(jnp.float32)).astype(out.dtype)
+    return out
 
 
 def router_stats(logits: jax.Array, probs: jax.Array, mask: jax.Array, decision: TokenChoice | ExpertChoice,
