@@ -21,6 +21,7 @@ DISPATCH = ("einsum", "index", "dropless")
 # SwitchTransformers (one group per sequence, fixed expert_capacity, padding routed, its router losses over a
 # stack's concatenated router logits). See docs/interop.md.
 SEMANTICS = ("switch", "transformers")
+BALANCE_SCOPES = ("group", "sequence", "global")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16")
 
 # A sparse layout says which feed-forward positions of a stack are MoE layers:
@@ -87,6 +88,8 @@ class MoeConfig:
                                          # the routed experts (Qwen-MoE's shared expert); 0: none
   shared_expert_gate: bool = True        # scale the shared expert's output by sigmoid(x . w_gate), as Qwen-MoE
   load_balance_loss_coef: float = 0.01
+  balance_loss_scope: str = "group"      # where f_e and P_e of the balance loss are counted: each routing group
+                                         # (Switch), each sequence (row), or the global batch (over every device)
   router_z_loss_coef: float = 0.0
   num_group_partitions: int = 1          # shards the routing groups are split over (the mesh's data x expert
                                          # axes; set by the partitioner): the group count is a multiple of it
@@ -147,6 +150,8 @@ class MoeConfig:
       _fail(own, "expert_d_ff", self.expert_d_ff, "must be >= 1 or None.")
     if self.num_group_partitions < 1:
       _fail(own, "num_group_partitions", self.num_group_partitions, "must be >= 1.")
+    if self.balance_loss_scope not in BALANCE_SCOPES:
+      _fail(own, "balance_loss_scope", self.balance_loss_scope, f"choose one of {BALANCE_SCOPES}.")
     if self.shared_expert_d_ff < 0:
       _fail(own, "shared_expert_d_ff", self.shared_expert_d_ff, "must be >= 0 (0: no shared expert).")
 

@@ -607,3 +607,20 @@ def test_shared_expert_counts_as_active_parameters_and_flops():
   flops = model_stats.flops_per_token(shared, 16, 16) - model_stats.flops_per_token(base, 16, 16)
   assert flops == pytest.approx(2 * (2 * 2 * 16 * 24 + 2 * 16), rel=1e-9)   # 2 sparse layers per token
   assert ("encoder shared experts", 2 * (2 * 16 * 24 + 16)) in model_stats.module_table(shared)
+
+
+# --- the balance loss's scope ----------------------------------------------------------------------------------
+def test_balance_loss_scope_counts_where_it_says():
+  """Two groups of 4 tokens, 2 experts; group 0's tokens all choose expert 0, group 1's expert 1; the router
+  probabilities are given. Per group each group is wholly imbalanced; over the global batch the choices balance."""
+  probs = jnp.asarray([[[0.9, 0.1]] * 4, [[0.2, 0.8]] * 4], jnp.float32)        # [G=2, S=4, E=2]
+  mask = jnp.ones((2, 4), bool)
+  decision = tokens_choose(probs, mask, k=1, capacity=4)
+  stats = lambda scope, length=0: float(router_stats(jnp.log(probs), probs, mask, decision, 2, scope,
+                                                     length)["load_balance_loss"])
+  per_group = [2 * (1.0 * 0.9), 2 * (1.0 * 0.8)]                                # E * f_e * P_e, one expert each
+  assert stats("group") == pytest.approx(np.mean(per_group))
+  assert stats("global") == pytest.approx(2 * (0.5 * 0.55 + 0.5 * 0.45))        # f = (0.5, 0.5), P = (0.55, 0.45)
+  assert stats("sequence", 4) == pytest.approx(stats("group"))                   # sequences = the groups here
+  assert stats("sequence", 2) == pytest.approx(stats("group"))                   # halves are as imbalanced
+  assert stats("sequence", 8) == pytest.approx(stats("global"))                  # one sequence: the whole batch

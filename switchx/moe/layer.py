@@ -99,7 +99,8 @@ class MoeLayer(nn.Module):
     if moe.shared_expert_d_ff:                                                 # beside the routed experts
       y = y + self.shared(x, train)
 
-    aux = router_stats(routing.logits, routing.probs, mask, routing.decision, moe.num_experts)
+    aux = router_stats(routing.logits, routing.probs, mask, routing.decision, moe.num_experts,
+                       moe.balance_loss_scope, length)
     aux["capacity"] = jnp.asarray(capacity, jnp.int32)
     aux["group_size"] = jnp.asarray(group_size, jnp.int32)
     if moe.semantics == "transformers":  # per sequence, what losses.transformers_router_losses combines
@@ -117,12 +118,26 @@ class MoeLayer(nn.Module):
     return out
 
 
+def balance_loss(chosen: jax.Array, probs: jax.Array, real: jax.Array) -> jax.Array:
+  """E * sum_e f_e * P_e in each unit (f_e: share of the unit's real tokens' choices that pick e, P_e: their
+  mean router probability), averaged over the units with real tokens. chosen, probs [U, T, E]; real [U, T]."""
+  unit_real = real.sum(1)                                                    # [U]
+  per_token = 1.0 / jnp.maximum(unit_real, 1.0)[:, None]
+  fraction = (chosen * real[..., None]).sum(1) * per_token                  # [U, E] f_e
+  mean_prob = (probs * real[..., None]).sum(1) * per_token                  # [U, E] P_e
+  per_unit = probs.shape[-1] * (fraction * mean_prob).sum(-1)               # [U]
+  has_real = (unit_real > 0).astype(jnp.float32)
+  return (per_unit * has_real).sum() / jnp.maximum(has_real.sum(), 1.0)
+
+
 def router_stats(logits: jax.Array, probs: jax.Array, mask: jax.Array, decision: TokenChoice | ExpertChoice,
-                 num_experts: int) -> dict[str, jax.Array]:
+                 num_experts: int, balance_scope: str = "group", sequence_length: int = 0) -> dict[str, jax.Array]:
   """Losses and metrics of one layer, over real (unmasked) tokens only.
 
-  load_balance_loss: E * sum_e f_e * P_e per group (f_e: fraction of tokens choosing e before capacity, over all
-    K choices; P_e: mean router probability), averaged over groups with real tokens. Uniform routing gives K.
+  load_balance_loss: E * sum_e f_e * P_e (f_e: fraction of tokens choosing e before capacity, over all K
+    choices; P_e: mean router probability), per routing group and averaged over groups (balance_scope "group",
+    Switch), per sequence of `sequence_length` tokens ("sequence"), or once over the whole batch ("global": under
+    a mesh the sums run over every device's tokens). Uniform routing gives K.
   router_z_loss: mean of logsumexp(logits)^2 (ST-MoE), from the raw float32 logits.
   """
   real = mask.astype(jnp.float32)                                             # [G, S]
@@ -136,13 +151,9 @@ def router_stats(logits: jax.Array, probs: jax.Array, mask: jax.Array, decision:
   }
   if isinstance(decision, TokenChoice):
     chosen = jax.nn.one_hot(decision.expert_index, num_experts).sum(2) * real[..., None]  # [G, S, E]
-    group_real = real.sum(1)                                                 # [G]
-    per_token = 1.0 / jnp.maximum(group_real, 1.0)[:, None]
-    fraction = chosen.sum(1) * per_token                                     # [G, E] f_e
-    mean_prob = (probs * real[..., None]).sum(1) * per_token                 # [G, E] P_e
-    per_group = num_experts * (fraction * mean_prob).sum(-1)                 # [G]
-    has_real = (group_real > 0).astype(jnp.float32)
-    stats["load_balance_loss"] = (per_group * has_real).sum() / jnp.maximum(has_real.sum(), 1.0)
+    units = {"group": mask.shape, "sequence": (-1, sequence_length), "global": (1, -1)}[balance_scope]
+    as_units = lambda a: a.reshape(units + a.shape[2:])                     # [U, T, ...]
+    stats["load_balance_loss"] = balance_loss(as_units(chosen), as_units(probs), as_units(real))
     stats["expert_usage"] = chosen.sum((0, 1)) / jnp.maximum(chosen.sum(), 1.0)  # [E], sums to 1
     over_capacity = (decision.routed & ~decision.kept) * real[..., None]     # [G, S, K]
     stats["dropped_fraction_by_rank"] = over_capacity.sum((0, 1)) / num_real  # [K]

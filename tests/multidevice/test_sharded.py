@@ -178,3 +178,25 @@ def test_plan_matches_the_shards_training_creates(mesh_shape):
   predicted = plan(switch_config(), TRAIN, dict(zip(("data", "expert", "model"), mesh_shape)))
   assert predicted["params_bytes"] == on_device(state.params)
   assert predicted["optimizer_bytes"] == on_device(state.opt_state)
+
+
+def test_global_balance_loss_is_the_same_on_any_data_split_and_the_per_group_loss_is_not():
+  """One routing group on one device, four on a data=4 mesh (the group count follows the batch split), no
+  token dropped: outputs are the same either way, and so is the global-batch balance loss (its statistics sum
+  over every device's tokens); the Switch per-group loss averages other groups' products and differs."""
+  losses = {}
+  for scope in ("global", "group"):
+    moe = MoeConfig(num_experts=8, group_size=4096, train_capacity_factor=0.0, eval_capacity_factor=0.0,
+                    load_balance_loss_coef=0.01, balance_loss_scope=scope)
+    for shape in ((1, 1, 1), (4, 1, 1)):
+      run = build(shape, switch_config(moe=moe))
+      params = run.init(jax.random.PRNGKey(0)).params
+      (loss, metrics), grads = run.grads(params, run.shard_batch(make_batch()), jax.random.PRNGKey(1))
+      losses[scope, shape] = (float(loss), float(metrics["load_balance_loss"]),
+                              [np.asarray(g) for g in jax.tree_util.tree_leaves(grads)])
+  one, four = losses["global", (1, 1, 1)], losses["global", (4, 1, 1)]
+  np.testing.assert_allclose(four[:2], one[:2], rtol=1e-6)
+  for a, b in zip(four[2], one[2]):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-7)
+  assert abs(losses["group", (4, 1, 1)][1] - losses["group", (1, 1, 1)][1]) > 1e-3
+  assert losses["group", (1, 1, 1)][1] == pytest.approx(one[1], rel=1e-6)   # one group: the two scopes agree
