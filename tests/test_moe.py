@@ -624,3 +624,8 @@ def test_balance_loss_scope_counts_where_it_says():
   assert stats("sequence", 4) == pytest.approx(stats("group"))                   # sequences = the groups here
   assert stats("sequence", 2) == pytest.approx(stats("group"))                   # halves are as imbalanced
   assert stats("sequence", 8) == pytest.approx(stats("global"))                  # one sequence: the whole batch
+  usage = router_stats(jnp.log(probs), probs, mask, decision, 2)
+  assert float(usage["load_cv"]) == pytest.approx(0.0) and float(usage["max_mean_load"]) == pytest.approx(1.0)
+  skewed = tokens_choose(jnp.asarray([[[0.9, 0.1]] * 4] * 2, jnp.float32), mask, k=1, capacity=4)
+  usage = router_stats(jnp.log(probs), probs, mask, skewed, 2)                   # every token on expert 0
+  assert float(usage["load_cv"]) == pytest.approx(1.0) and float(usage["max_mean_load"]) == pytest.approx(2.0)

@@ -166,4 +166,7 @@ def router_stats(logits: jax.Array, probs: jax.Array, mask: jax.Array, decision:
     served = picks[:, :-1] > 0                                               # [G, S]
     stats["dropped_fraction_by_rank"] = mean_real(1.0 - served)[None]       # [1]
   stats["dropped_fraction"] = mean_real(1.0 - served)                        # tokens no expert processed
+  usage = stats["expert_usage"]                                              # [E], sums to 1
+  stats["load_cv"] = jnp.std(usage) / jnp.maximum(jnp.mean(usage), 1e-9)     # 0: perfectly even
+  stats["max_mean_load"] = jnp.max(usage) / jnp.maximum(jnp.mean(usage), 1e-9)  # 1: even; E: one expert
   return stats
