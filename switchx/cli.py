@@ -74,22 +74,30 @@ def _summary_line(summary: dict) -> str:
           + (f" (stopped by {summary['interrupted']})" if summary["interrupted"] else ""))
 
 
-def _train(args: argparse.Namespace) -> int:
+def _run_training(args: argparse.Namespace, command: str, start) -> int:
+  """What train / upcycle / distill share: logging, gin, the mesh, a non-finite stop, the summary line.
+  start(gin_config, mesh) -> the run's summary."""
   import logging
   from switchx import gin_config
   from switchx.parallel.mesh import MeshConfig
-  from switchx.train.loop import NonFiniteLossError, train
+  from switchx.train.loop import NonFiniteLossError
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   gin_config.parse(args.gin_file, args.gin_bindings)
   mesh = MeshConfig.parse(args.mesh) if args.mesh else gin_config.mesh_config()
   try:
-    summary = train(gin_config.model_config(), gin_config.train_config(), gin_config.data_config(), mesh,
-                    model_dir=args.model_dir, operative_config=gin_config.operative_config())
+    summary = start(gin_config, mesh)
   except NonFiniteLossError as e:
-    print(f"switchx train: stopped: {e}", file=sys.stderr)
+    print(f"switchx {command}: stopped: {e}", file=sys.stderr)
     return 3
   print(_summary_line(summary))
   return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+  from switchx.train.loop import train
+  return _run_training(args, "train", lambda gin, mesh: train(
+      gin.model_config(), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
+      operative_config=gin.operative_config()))
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -235,47 +243,26 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _upcycle(args: argparse.Namespace) -> int:
-  import logging
-  from switchx import gin_config
-  from switchx.parallel.mesh import MeshConfig
-  from switchx.train.loop import NonFiniteLossError
   from switchx.train.upcycle import upcycle
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  gin_config.parse(args.gin_file, args.gin_bindings)
-  mesh = MeshConfig.parse(args.mesh) if args.mesh else gin_config.mesh_config()
-  try:
-    summary = upcycle(args.init_from, gin_config.model_config(), gin_config.train_config(),
-                      gin_config.data_config(), mesh, model_dir=args.model_dir, router_stddev=args.router_stddev,
-                      reinit_fraction=args.reinit_fraction, operative_config=gin_config.operative_config())
-  except NonFiniteLossError as e:
-    print(f"switchx upcycle: stopped: {e}", file=sys.stderr)
-    return 3
-  print(_summary_line(summary))
-  return 0
+  return _run_training(args, "upcycle", lambda gin, mesh: upcycle(
+      args.init_from, gin.model_config(), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
+      router_stddev=args.router_stddev, reinit_fraction=args.reinit_fraction,
+      operative_config=gin.operative_config()))
 
 
 def _distill(args: argparse.Namespace) -> int:
   import dataclasses
-  import logging
-  from switchx import gin_config
-  from switchx.parallel.mesh import MeshConfig
   from switchx.train.distill import distill
-  from switchx.train.loop import NonFiniteLossError
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  gin_config.parse(args.gin_file, args.gin_bindings)
-  train_config = gin_config.train_config()
-  if "TrainConfig.distill_soft_weight" not in " ".join(args.gin_bindings):
-    train_config = dataclasses.replace(train_config, distill_soft_weight=args.soft_weight)
-  mesh = MeshConfig.parse(args.mesh) if args.mesh else gin_config.mesh_config()
-  try:
-    summary = distill(args.teacher, gin_config.model_config(), train_config, gin_config.data_config(), mesh,
-                      model_dir=args.model_dir, init_from_teacher=not args.fresh_student,
-                      operative_config=gin_config.operative_config())
-  except NonFiniteLossError as e:
-    print(f"switchx distill: stopped: {e}", file=sys.stderr)
-    return 3
-  print(_summary_line(summary))
-  return 0
+
+  def start(gin, mesh):
+    train_config = gin.train_config()
+    if not any(b.startswith("TrainConfig.distill_soft_weight") for b in args.gin_bindings):
+      train_config = dataclasses.replace(train_config, distill_soft_weight=args.soft_weight)
+    return distill(args.teacher, gin.model_config(), train_config, gin.data_config(), mesh,
+                   model_dir=args.model_dir, init_from_teacher=not args.fresh_student,
+                   operative_config=gin.operative_config())
+
+  return _run_training(args, "distill", start)
 
 
 def build_parser() -> argparse.ArgumentParser:
