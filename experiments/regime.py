@@ -60,8 +60,14 @@ def parser():
   p.add_argument("--wide", type=int, default=8, help="the control's d_ff multiple (default 8: Switch-8's parameters "
                  "when every FFN is sparse)")
   p.add_argument("--experts", type=int, default=8, help="the Switch model's experts")
+  p.add_argument("--layout", default="all", help="the Switch model's sparse layers: 'all' (default) or 'every:N' "
+                 "(the paper's every other layer: every:2); the control stays the dense model x --wide")
   p.set_defaults(seeds=3)
   return p
+
+
+def switch_label(args) -> str:
+  return f"switch-{args.experts}" + ("" if args.layout == "all" else f" ({args.layout})")
 
 
 def candidate_base(settings: dict, args) -> dict:
@@ -90,10 +96,12 @@ def main(argv=None) -> dict:
     base = dict(common.QUICK, seeds=1) if args.quick else candidate_base(settings, args)
     d_ff = common.model_config(base).d_ff
     models = {"dense": DENSE, f"dense, d_ff x{args.wide}": [*DENSE, f"ModelConfig.d_ff={args.wide * d_ff}"],
-              f"switch-{args.experts}": common.all_sparse(args.experts)}
+              switch_label(args): [*common.all_sparse(args.experts), f"ModelConfig.encoder_sparse='{args.layout}'",
+                                   f"ModelConfig.decoder_sparse='{args.layout}'"]}
     results = {}
     for label, overrides in models.items():
-      runs = [common.run(f"{name}-{label.replace(', ', '-').replace(' ', '')}", overrides, seed, base, args.work_dir)
+      run_name = label.replace(", ", "-").replace(" (", "-").replace(")", "").replace(":", "").replace(" ", "")
+      runs = [common.run(f"{name}-{run_name}", overrides, seed, base, args.work_dir)
               for seed in range(base["seeds"])]
       mean, spread = common.mean_spread([r["final_eval_loss"] for r in runs])
       results[label] = {"mean": mean, "spread": spread, "per_seed": [r["final_eval_loss"] for r in runs],
@@ -110,7 +118,7 @@ def main(argv=None) -> dict:
            "seed(s). Gain = dense minus the row's model (positive: better than dense). Gate: the control's gain "
            "exceeds 3x the seed spread (the larger half-range of dense and control).", "",
            "| candidate | tokens (per dense param) | dense | control: d_ff x{w} | control gain | gate | "
-           "switch-{e} | switch gain |".format(w=args.wide, e=args.experts), "|---|---|---|---|---|---|---|---|"]
+           "{s} | switch gain |".format(w=args.wide, s=switch_label(args)), "|---|---|---|---|---|---|---|---|"]
   for row in rows:
     dense, control, switch = row["models"].values()
     gate = "-" if row["gate_passed"] is None else ("passed" if row["gate_passed"] else

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("expert_count", "capacity_factor", "sparse_vs_dense", "init_scale", "adam_moments", "regime", "upcycling", "distillation",
+NAMES = ("expert_count", "capacity_factor", "sparse_vs_dense", "init_scale", "adam_moments", "regime", "regime_every2", "upcycling", "distillation",
          "expert_count_2800", "expert_count_2800_every2", "sparse_vs_dense_2800")  # longer variants (--tag)
 
 
