@@ -25,16 +25,12 @@ from switchx.parallel.mesh import MeshConfig
 from switchx.train import restore, step as step_lib
 from switchx.train.loop import train
 
-DISTILL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids", "decoder_segment_ids",
-                  "encoder_positions", "decoder_positions")
-
-
 def teacher_forward(config: ModelConfig, params):
   """host batch -> {"teacher_logits": [B, Ld, V] float32 numpy}: the teacher in eval mode (eval capacity)."""
   apply = jax.jit(functools.partial(EncoderDecoder(config).apply, train=False))
 
   def add_to_batch(batch: dict) -> dict:
-    inputs = {k: jnp.asarray(v) for k, v in batch.items() if k in DISTILL_INPUTS}
+    inputs = {k: jnp.asarray(v) for k, v in step_lib.model_inputs(batch).items()}   # what the student sees
     return {"teacher_logits": np.asarray(apply({"params": params}, **inputs)[0], np.float32)}
 
   return add_to_batch

@@ -58,15 +58,15 @@ def upcycle_params(dense_config: ModelConfig, dense_params, sparse_config: Model
   params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), dense_params)
   out = {"encoder": dict(params["encoder"]), "decoder": dict(params["decoder"])}
   out.update({k: v for k, v in params.items() if k not in out})
-  rngs = iter(jax.random.split(rng, 64 + 2 * (sparse_config.num_encoder_layers + sparse_config.num_decoder_layers)))
-  for stack in ("encoder", "decoder"):
+  for s, stack in enumerate(("encoder", "decoder")):
     for i in getattr(sparse_config, f"{stack}_sparse_layers"):
+      router_rng, reinit_rng = jax.random.split(jax.random.fold_in(rng, 1000 * s + i))
       layer = dict(out[stack][f"layers_{i}"])
       mlp = layer.pop("mlp")                                             # {wi | wi_0, wi_1, wo: {kernel}}
       experts = {name: np.repeat(w["kernel"][None], num_experts, axis=0) for name, w in mlp.items()}  # [E, ...]
       if reinit_fraction > 0:
-        experts = _drop_upcycle(experts, reinit_fraction, next(rngs))
-      router = router_stddev * jax.random.normal(next(rngs), (dense_config.d_model, num_experts), jnp.float32)
+        experts = _drop_upcycle(experts, reinit_fraction, reinit_rng)
+      router = router_stddev * jax.random.normal(router_rng, (dense_config.d_model, num_experts), jnp.float32)
       layer["moe"] = {"experts": experts, "router": np.asarray(router)}
       out[stack][f"layers_{i}"] = layer
   return out
