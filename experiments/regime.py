@@ -62,6 +62,8 @@ def parser():
   p.add_argument("--experts", type=int, default=8, help="the Switch model's experts")
   p.add_argument("--layout", default="all", help="the Switch model's sparse layers: 'all' (default) or 'every:N' "
                  "(the paper's every other layer: every:2); the control stays the dense model x --wide")
+  p.add_argument("--switch_gin", action="append", default=[], help="a gin binding for the Switch model only "
+                 "(repeatable), e.g. MoeConfig.routed_scaling_factor=8.0; the dense and control runs stay cached")
   p.set_defaults(seeds=3)
   return p
 
@@ -97,10 +99,12 @@ def main(argv=None) -> dict:
     d_ff = common.model_config(base).d_ff
     models = {"dense": DENSE, f"dense, d_ff x{args.wide}": [*DENSE, f"ModelConfig.d_ff={args.wide * d_ff}"],
               switch_label(args): [*common.all_sparse(args.experts), f"ModelConfig.encoder_sparse='{args.layout}'",
-                                   f"ModelConfig.decoder_sparse='{args.layout}'"]}
+                                   f"ModelConfig.decoder_sparse='{args.layout}'", *args.switch_gin]}
     results = {}
     for label, overrides in models.items():
       run_name = label.replace(", ", "-").replace(" (", "-").replace(")", "").replace(":", "").replace(" ", "")
+      if label == switch_label(args) and args.switch_gin:   # its own directory beside the plain Switch runs
+        run_name += "-" + (args.tag or common.run_key([args.switch_gin]))
       runs = [common.run(f"{name}-{run_name}", overrides, seed, base, args.work_dir)
               for seed in range(base["seeds"])]
       mean, spread = common.mean_spread([r["final_eval_loss"] for r in runs])

@@ -87,9 +87,15 @@ class MoeConfig:
   shared_expert_d_ff: int = 0            # > 0: a dense FFN of this size every token also passes through, beside
                                          # the routed experts (Qwen-MoE's shared expert); 0: none
   shared_expert_gate: bool = True        # scale the shared expert's output by sigmoid(x . w_gate), as Qwen-MoE
+  routed_scaling_factor: float = 1.0     # multiplies every routed expert's gate (DeepSeek's routed_scaling_factor);
+                                         # E undoes top-1's ~1/E gate at uniform routing
   load_balance_loss_coef: float = 0.01
   balance_loss_scope: str = "group"      # where f_e and P_e of the balance loss are counted: each routing group
                                          # (Switch), each sequence (row), or the global batch (over every device)
+  bias_balance_rate: float = 0.0         # > 0: auxiliary-loss-free balancing (arXiv 2408.15664, DeepSeek-V3): a
+                                         # per-expert bias added to the router log-probabilities to choose experts
+                                         # (never to the gates), moved by this much toward the mean load after
+                                         # each training step (moe.routing.balance_bias); 0: none
   router_z_loss_coef: float = 0.0
   num_group_partitions: int = 1          # shards the routing groups are split over (the mesh's data x expert
                                          # axes; set by the partitioner): the group count is a multiple of it
@@ -150,6 +156,14 @@ class MoeConfig:
       _fail(own, "expert_d_ff", self.expert_d_ff, "must be >= 1 or None.")
     if self.num_group_partitions < 1:
       _fail(own, "num_group_partitions", self.num_group_partitions, "must be >= 1.")
+    if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
+      _fail(own, "routed_scaling_factor", self.routed_scaling_factor, "must be a finite number > 0 (1: Switch).")
+    if not (math.isfinite(self.bias_balance_rate) and self.bias_balance_rate >= 0):
+      _fail(own, "bias_balance_rate", self.bias_balance_rate, "must be a finite number >= 0 (0: no bias balancing).")
+    if self.bias_balance_rate > 0 and (self.router != "tokens_choose" or self.semantics != "switch"):
+      _fail(own, "bias_balance_rate", self.bias_balance_rate,
+            "balances the experts tokens choose (router='tokens_choose', semantics='switch'); experts_choose is "
+            "balanced by construction. Set it to 0 or use tokens_choose.")
     if self.balance_loss_scope not in BALANCE_SCOPES:
       _fail(own, "balance_loss_scope", self.balance_loss_scope, f"choose one of {BALANCE_SCOPES}.")
     if self.shared_expert_d_ff < 0:

@@ -136,6 +136,8 @@ def total_loss(config: ModelConfig, logits: jax.Array, moe_aux: dict, batch: dic
     metrics["router/dropped_fraction"] = jnp.mean(jnp.stack([a["dropped_fraction"] for a in moe_aux.values()]))
     for name, aux in moe_aux.items():
       for key in ("load_balance_loss", "router_z_loss", "dropped_fraction", "router_confidence",
-                  "router_entropy", "expert_usage", "dropped_fraction_by_rank", "load_cv", "max_mean_load"):
-        metrics[f"router/{name}/{key}"] = aux[key]
+                  "router_entropy", "expert_usage", "dropped_fraction_by_rank", "load_cv", "max_mean_load",
+                  "router_bias"):
+        if key in aux:
+          metrics[f"router/{name}/{key}"] = aux[key]
   return loss, metrics

@@ -53,8 +53,9 @@ def test_run_logs_metrics_and_learns(uninterrupted):
   assert json.loads((model_dir / "config.json").read_text())["model"]["moe"]["num_experts"] == 4
 
 
-def _start_child(model_dir, steps=30, delay=0.15):
-  return subprocess.Popen([sys.executable, str(CHILD), str(model_dir), str(steps), str(delay)],
+def _start_child(model_dir, steps=30, delay=0.15, moe_changes=None):
+  extra = [json.dumps(moe_changes)] if moe_changes else []
+  return subprocess.Popen([sys.executable, str(CHILD), str(model_dir), str(steps), str(delay), *extra],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -83,6 +84,31 @@ def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
   expected, got = _final_params(reference_dir, 30), _final_params(tmp_path, 30)
   for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_bias_balancing_state_survives_sigkill_and_resume_bit_exactly(tmp_path):
+  """Bias balancing's per-expert biases are set outside the optimizer, from each step's load: a run killed
+  mid-way and resumed ends with the uninterrupted run's biases (and every other parameter), bit for bit, and
+  logs them per layer."""
+  moe = {"bias_balance_rate": 0.01, "load_balance_loss_coef": 0.0}
+  model, train, data = configs(20, moe)
+  reference = loop.train(model, train, data, model_dir=tmp_path / "reference", show_progress=False)
+  assert reference["final_step"] == 20
+  child = _start_child(tmp_path / "killed", steps=20, moe_changes=moe)
+  _wait_for_checkpoint(tmp_path / "killed", 5, child)
+  child.send_signal(signal.SIGKILL)
+  child.wait(timeout=60)
+  killed_at = max(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.isdigit())
+  assert killed_at < 20, "the run should have been killed mid-way"
+  loop.train(model, train, data, model_dir=tmp_path / "killed", show_progress=False)
+  expected, got = _final_params(tmp_path / "reference", 20), _final_params(tmp_path / "killed", 20)
+  bias = expected["encoder"]["layers_1"]["moe"]["router_bias"]
+  assert np.abs(bias).max() > 0                                               # it moved
+  np.testing.assert_array_equal(got["encoder"]["layers_1"]["moe"]["router_bias"], bias)
+  for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  logged = [r for r in read_metrics(tmp_path / "reference") if "loss" in r][-1]
+  assert len(logged["router/decoder/layers_1/router_bias"]) == 4
 
 
 def test_sigterm_saves_and_stops_cleanly(tmp_path):

@@ -11,6 +11,8 @@ C capacity (slots per expert per group), K experts per token, D d_model, F exper
                                                      residual carries it)
     y += sigmoid(x . g) * shared_expert(x)           only with MoeConfig.shared_expert_d_ff (Qwen-MoE)
     aux = router_stats(...)                          losses and metrics over real tokens
+    sow("balance", load [E])                         bias balancing only: the choices per expert, from which
+                                                     the train step moves the router's selection bias
 
 MoeConfig.semantics="transformers" reproduces transformers' SwitchTransformers: G = B and S = L (one group per
 sequence), C = expert_capacity, every token routed (padding too), so the metrics count every token. Its model-level
@@ -101,6 +103,11 @@ class MoeLayer(nn.Module):
 
     aux = router_stats(routing.logits, routing.probs, mask, routing.decision, moe.num_experts,
                        moe.balance_loss_scope, length)
+    if routing.selection_bias is not None:                                     # bias balancing
+      aux["router_bias"] = routing.selection_bias                              # [E]
+      if train:  # this step's choices per expert, for the update the train step makes (train/step.py)
+        chosen = jax.nn.one_hot(routing.decision.expert_index, moe.num_experts) * mask[..., None, None]
+        self.sow("balance", "router_bias", chosen.sum((0, 1, 2)))             # [E]
     aux["capacity"] = jnp.asarray(capacity, jnp.int32)
     aux["group_size"] = jnp.asarray(group_size, jnp.int32)
     if moe.semantics == "transformers":  # per sequence, what losses.transformers_router_losses combines

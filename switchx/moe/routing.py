@@ -6,7 +6,8 @@ K experts per token, D d_model.
     router_in [G, S, D] float32 (jitter, when training, multiplies only this copy: "selective precision")
     logits = router_in @ kernel [D, E]      [G, S, E] float32
     probs = softmax(logits)                 [G, S, E]
-    decision = STRATEGIES[moe.router](probs, mask, capacity, moe, rng)
+    decision = STRATEGIES[moe.router](probs, mask, capacity, moe, rng, bias)   bias: bias balancing's [E] or None
+    decision.gate *= moe.routed_scaling_factor                                (DeepSeek's; 1 for Switch)
 
 A decision is a TokenChoice (each token picks its top-K experts) or an ExpertChoice (each expert picks its top-C
 tokens); both convert to the forms moe/dispatch.py moves tokens with:
@@ -93,15 +94,25 @@ def _priority_order(probs: jax.Array, token_mask: jax.Array, batch_prioritized: 
 def tokens_choose(probs: jax.Array, token_mask: jax.Array, *, k: int, capacity: int,
                   second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
                   normalize_gates: bool = False, batch_prioritized: bool = False,
-                  rng: jax.Array | None = None) -> TokenChoice:
+                  rng: jax.Array | None = None, selection_bias: jax.Array | None = None) -> TokenChoice:
   """Top-k routing (k=1: Switch; k=2: GShard).
 
   probs [G, S, E] float32, token_mask [G, S] bool (False: padding, never routed).
   Priority: every token's 1st choice claims a slot before any 2nd choice; within a rank, sequence order
   (or router confidence with batch_prioritized). `rng` enables the random 2nd-expert policy (training).
+  selection_bias [E] (bias balancing) is added to log(probs) (the logits up to a per-token constant) to choose
+  the experts; the gates stay the probabilities. (In log space a bias step means the same at any router
+  confidence; added to probabilities, as the paper's softmax variant, steps of 0.01 could not resolve the
+  ~0.005 gaps between a confident router's other experts, and a collapsed router's load swung from expert to
+  expert in tests/test_balance.py.)
   """
   num_groups, group_size, num_experts = probs.shape
-  gate, expert_index = jax.lax.top_k(probs, k)                                             # [G, S, K]
+  if selection_bias is None:
+    gate, expert_index = jax.lax.top_k(probs, k)                                           # [G, S, K]
+  else:
+    scores = jnp.log(jnp.maximum(probs, 1e-30)) + jax.lax.stop_gradient(selection_bias)     # [G, S, E]
+    _, expert_index = jax.lax.top_k(scores, k)                                             # [G, S, K]
+    gate = jnp.take_along_axis(probs, expert_index, axis=-1)                               # [G, S, K]
   relative = gate / jnp.maximum(gate.sum(-1, keepdims=True), 1e-9)                         # [G, S, K]
   if normalize_gates:
     gate = relative
@@ -138,12 +149,20 @@ def experts_choose(probs: jax.Array, token_mask: jax.Array, *, capacity: int) ->
 
 
 STRATEGIES = {
-    "tokens_choose": lambda probs, mask, capacity, moe, rng: tokens_choose(
+    "tokens_choose": lambda probs, mask, capacity, moe, rng, bias: tokens_choose(
         probs, mask, k=moe.top_k, capacity=capacity, second_expert_policy=moe.second_expert_policy,
         second_expert_threshold=moe.second_expert_threshold, normalize_gates=moe.normalize_gates,
-        batch_prioritized=moe.batch_prioritized, rng=rng),
-    "experts_choose": lambda probs, mask, capacity, moe, rng: experts_choose(probs, mask, capacity=capacity),
+        batch_prioritized=moe.batch_prioritized, rng=rng, selection_bias=bias),
+    "experts_choose": lambda probs, mask, capacity, moe, rng, bias: experts_choose(probs, mask, capacity=capacity),
 }
+
+
+def balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """Auxiliary-loss-free balancing's update (Wang et al. 2024, arXiv 2408.15664): each expert's selection bias
+  moves by `rate` toward balance, up where the expert got fewer choices than the mean, down where more.
+  bias [E] float32, load [E]: the step's choices per expert over the whole batch (every device, every
+  micro-batch). The training step applies it after the optimizer's update, which never touches the bias."""
+  return bias + rate * jnp.sign(load.mean() - load).astype(bias.dtype)
 
 
 @flax.struct.dataclass
@@ -151,6 +170,7 @@ class Routing:
   logits: jax.Array                       # [G, S, E] float32, raw (the z-loss reads them)
   probs: jax.Array                        # [G, S, E] float32
   decision: TokenChoice | ExpertChoice
+  selection_bias: jax.Array | None = None  # [E] float32 with bias balancing
 
 
 class Router(nn.Module):
@@ -164,6 +184,8 @@ class Router(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array, capacity: int, train: bool) -> Routing:
+    """With MoeConfig.bias_balance_rate the layer also has the parameter "router_bias" [E]: added to the
+    probabilities to choose experts only, and set by `balance_bias` after each step, never by the optimizer."""
     moe = self.moe
     router_in = tokens.astype(jnp.float32)                                     # [G, S, D]
     if train and moe.jitter_noise > 0:
@@ -177,4 +199,11 @@ class Router(nn.Module):
     self.sow("intermediates", "router_logits", logits)
     random_second = train and moe.top_k > 1 and moe.second_expert_policy == "random"
     rng = self.make_rng("routing") if random_second and moe.router == "tokens_choose" else None
-    return Routing(logits, probs, STRATEGIES[moe.router](probs, mask, capacity, moe, rng))
+    bias = None
+    if moe.bias_balance_rate > 0:   # a parameter only so that checkpoints, sharding and export carry it
+      bias = self.param("router_bias", nn.with_logical_partitioning(nn.initializers.zeros, (UNMODELED,)),
+                        (moe.num_experts,), jnp.float32)                       # [E]
+    decision = STRATEGIES[moe.router](probs, mask, capacity, moe, rng, bias)
+    if moe.routed_scaling_factor != 1.0:
+      decision = decision.replace(gate=decision.gate * moe.routed_scaling_factor)
+    return Routing(logits, probs, decision, bias)

@@ -63,7 +63,7 @@ def read_metrics(directory: str | Path) -> list[dict]:
 
 # --- held-out metrics (the training loop's evaluation and `switchx eval`) ----------------------------------
 ROUTER_KEYS = ("dropped_fraction", "router_confidence", "router_entropy", "load_balance_loss", "router_z_loss",
-               "expert_usage", "dropped_fraction_by_rank", "load_cv", "max_mean_load")
+               "expert_usage", "dropped_fraction_by_rank", "load_cv", "max_mean_load", "router_bias")
 
 
 def held_out_metrics(run, params, batches) -> dict:

@@ -14,15 +14,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from switchx.losses import total_loss
 from switchx.models.encoder_decoder import EncoderDecoder
+from switchx.moe import routing
 
 MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "encoder_segment_ids",
                 "decoder_segment_ids", "encoder_positions", "decoder_positions")
 # Metrics that add up over micro-batches (each is already divided by the whole batch's token count).
 ADDITIVE_METRICS = ("loss", "cross_entropy_loss", "z_loss", "accuracy", "num_target_tokens")
 RNG_STREAMS = ("dropout", "jitter", "routing")
+EXPERT_LOAD = "expert_load"  # the metrics entry (a tree, popped by train_step) that bias balancing updates from
 
 
 @flax.struct.dataclass
@@ -63,8 +66,12 @@ def loss_and_metrics(params, batch: dict, rng: jax.Array | None, *, model: Encod
   rngs = None
   if train:
     rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(RNG_STREAMS)}
-  logits, moe_aux = model.apply({"params": params}, **model_inputs(batch), train=train, rngs=rngs)
-  return total_loss(model.config, logits, moe_aux, batch, z_loss_coef, num_tokens, moe_weight, *distill)
+  (logits, moe_aux), state = model.apply({"params": params}, **model_inputs(batch), train=train, rngs=rngs,
+                                          mutable=["balance"])
+  loss, metrics = total_loss(model.config, logits, moe_aux, batch, z_loss_coef, num_tokens, moe_weight, *distill)
+  if state.get("balance"):          # bias balancing: each layer's choices per expert, for train_step
+    metrics[EXPERT_LOAD] = state["balance"]
+  return loss, metrics
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: EncoderDecoder,
@@ -90,13 +97,26 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Encoder
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     grads, stacked = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-    metrics = {name: v.sum(0) if name in ADDITIVE_METRICS else v.mean(0) for name, v in stacked.items()}
+    metrics = {name: jax.tree_util.tree_map(lambda a: a.sum(0), v) if name in ADDITIVE_METRICS + (EXPERT_LOAD,)
+               else v.mean(0) for name, v in stacked.items()}
 
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if EXPERT_LOAD in metrics:
+    params = balance_biases(state.params, params, metrics.pop(EXPERT_LOAD), model.config.moe.bias_balance_rate)
   metrics["learning_rate"] = schedule(state.step)
   metrics["grad_norm"] = global_norm(grads)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def balance_biases(old_params, new_params, loads, rate: float):
+  """Bias balancing after the optimizer's update: every "router_bias" is its value before the step moved by
+  routing.balance_bias from that layer's load (whatever the optimizer did to it is discarded: the bias has no
+  gradient, and weight decay must not shrink it). loads: the sown tree, {..., "router_bias": (load [E],)}."""
+  old, new = traverse_util.flatten_dict(old_params), traverse_util.flatten_dict(new_params)
+  for path, sown in traverse_util.flatten_dict(loads).items():
+    new[path] = routing.balance_bias(old[path], sum(sown), rate)
+  return traverse_util.unflatten_dict(new)
 
 
 def global_norm(tree) -> jax.Array:

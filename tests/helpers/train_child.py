@@ -1,8 +1,10 @@
-"""A training run in its own process, for the kill / signal tests: `python train_child.py MODEL_DIR STEPS DELAY`.
+"""A training run in its own process, for the kill / signal tests: `python train_child.py MODEL_DIR STEPS DELAY
+[MOE_CHANGES_JSON]`.
 
 DELAY seconds of sleep per batch (added here, not in switchx) make the run slow enough to be interrupted mid-way.
 """
 
+import json
 import os
 import sys
 import time
@@ -16,7 +18,7 @@ from switchx.train import loop  # noqa: E402
 
 def main():
   model_dir, steps, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-  model, train, data = configs(steps)
+  model, train, data = configs(steps, json.loads(sys.argv[4]) if len(sys.argv) > 4 else None)
   original = loop.load_data
 
   def slow_load_data(*args, **kwargs):

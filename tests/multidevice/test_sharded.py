@@ -200,3 +200,24 @@ def test_global_balance_loss_is_the_same_on_any_data_split_and_the_per_group_los
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-7)
   assert abs(losses["group", (4, 1, 1)][1] - losses["group", (1, 1, 1)][1]) > 1e-3
   assert losses["group", (1, 1, 1)][1] == pytest.approx(one[1], rel=1e-6)   # one group: the two scopes agree
+
+
+def test_bias_balancing_counts_the_load_over_every_device():
+  """Bias balancing's update reads each layer's load over the whole batch: after one train step on a data=4
+  and on an expert=2 x data=2 mesh, every router_bias equals the single-device step's bit for bit (the loads
+  are integers, so their sum does not depend on the order), and the step moved it."""
+  from flax import traverse_util
+  config = switch_config(moe=MoeConfig(num_experts=8, group_size=8, train_capacity_factor=1.0, min_capacity=1,
+                                       load_balance_loss_coef=0.0, bias_balance_rate=0.01))
+  biases = {}
+  for shape in ((1, 1, 1), (4, 1, 1), (2, 2, 1)):
+    run = build(shape, config)
+    state = run.init(jax.random.PRNGKey(0))
+    new_state, _ = run.train_step(state, run.shard_batch(make_batch()), jax.random.PRNGKey(1))
+    biases[shape] = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(new_state.params).items()
+                     if k[-1] == "router_bias"}
+  one = biases[(1, 1, 1)]
+  assert len(one) == 2 and all(np.abs(b).max() == np.float32(0.01) for b in one.values())
+  for shape in ((4, 1, 1), (2, 2, 1)):
+    for path, bias in one.items():
+      np.testing.assert_array_equal(biases[shape][path], bias)
