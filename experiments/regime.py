@@ -49,6 +49,11 @@ CANDIDATES = {
                               "(~31 tokens per dense parameter, ~1.8 passes over the corpus)",
                               dict(extra=[*D64[:3], "ModelConfig.d_ff=64", *adafactor(0.05)], d_ff=64, steps=1200, batch_size=64,
                                    corpus="docstrings", eval_every=300)),
+    "narrow_ffn_docstrings_2400": ("the same for 2,400 steps (~62 tokens per dense parameter, ~3.6 passes): long "
+                                   "enough, we hoped, for every seed to cross the loss drop that made the "
+                                   "1,200-step spread",
+                                   dict(extra=[*D64[:3], "ModelConfig.d_ff=64", *adafactor(0.05)], d_ff=64,
+                                        steps=2400, batch_size=64, corpus="docstrings", eval_every=300)),
 }
 QUICK = dict(extra=[], d_ff=32, steps=4, batch_size=4, corpus="builtin", eval_every=2)
 

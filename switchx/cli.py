@@ -162,7 +162,7 @@ def _eval(args: argparse.Namespace) -> int:
   for layer, metrics in result.get("router", {}).items():
     usage = json.dumps([round(u, 3) for u in metrics["expert_usage"]])
     print(f"  {layer:<20s} dropped {metrics['dropped_fraction']:.2%}  confidence "
-          f"{metrics['router_confidence']:.3f}  usage {usage}")
+          f"{metrics['router_confidence']:.3f}  dead experts {metrics['dead_experts']}  usage {usage}")
   print(f"wrote {args.model_dir}/{EVAL_FILE}")
   return 0
 

@@ -137,7 +137,7 @@ def total_loss(config: ModelConfig, logits: jax.Array, moe_aux: dict, batch: dic
     for name, aux in moe_aux.items():
       for key in ("load_balance_loss", "router_z_loss", "dropped_fraction", "router_confidence",
                   "router_entropy", "expert_usage", "dropped_fraction_by_rank", "load_cv", "max_mean_load",
-                  "router_bias"):
+                  "idle_experts", "router_bias"):
         if key in aux:
           metrics[f"router/{name}/{key}"] = aux[key]
   return loss, metrics

@@ -181,3 +181,24 @@ def test_no_bias_parameter_without_bias_balancing():
   model, batch = _tiny_model(0.0)
   params = step_lib.init_params(model, jax.random.PRNGKey(0), batch)
   assert _biases(params) == {}
+
+
+def test_idle_and_dead_experts_are_counted():
+  """A batch where 2 of 8 experts get no token: idle_experts 2 in the step's metrics; held-out evaluation counts
+  the experts none of its tokens chose over all its batches (dead_experts)."""
+  from switchx.moe.layer import router_stats
+  from switchx.train.metrics import held_out_metrics
+  probs = jax.nn.one_hot(jnp.asarray([[0, 1, 2, 3, 4, 5, 0, 1]]), EXPERTS) * 0.9 + 0.1 / EXPERTS   # [1, 8, 8]
+  mask = jnp.ones((1, 8), bool)
+  stats = router_stats(jnp.log(probs), probs, mask, tokens_choose(probs, mask, k=1, capacity=8), EXPERTS)
+  assert float(stats["idle_experts"]) == 2.0
+
+  class FakeRun:   # two held-out batches: expert 7 idle in the first, expert 6 in the second, expert 5 in both
+    def __init__(self):
+      self.usages = iter([[0.2, 0.2, 0.2, 0.2, 0.1, 0.0, 0.1, 0.0], [0.3, 0.1, 0.2, 0.2, 0.1, 0.0, 0.0, 0.1]])
+    shard_batch = staticmethod(lambda batch: batch)
+    def eval_step(self, params, batch):
+      return {"cross_entropy_loss": 1.0, "accuracy": 0.5, "num_target_tokens": 10.0, "router/dropped_fraction": 0.0,
+              "router/encoder/layers_1/expert_usage": np.asarray(next(self.usages))}
+  result = held_out_metrics(FakeRun(), None, [{}, {}])
+  assert result["router"]["encoder/layers_1"]["dead_experts"] == 1

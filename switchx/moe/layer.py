@@ -176,4 +176,5 @@ def router_stats(logits: jax.Array, probs: jax.Array, mask: jax.Array, decision:
   usage = stats["expert_usage"]                                              # [E], sums to 1
   stats["load_cv"] = jnp.std(usage) / jnp.maximum(jnp.mean(usage), 1e-9)     # 0: perfectly even
   stats["max_mean_load"] = jnp.max(usage) / jnp.maximum(jnp.mean(usage), 1e-9)  # 1: even; E: one expert
+  stats["idle_experts"] = jnp.sum(usage == 0).astype(jnp.float32)           # experts no token chose here
   return stats

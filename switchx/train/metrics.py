@@ -63,7 +63,7 @@ def read_metrics(directory: str | Path) -> list[dict]:
 
 # --- held-out metrics (the training loop's evaluation and `switchx eval`) ----------------------------------
 ROUTER_KEYS = ("dropped_fraction", "router_confidence", "router_entropy", "load_balance_loss", "router_z_loss",
-               "expert_usage", "dropped_fraction_by_rank", "load_cv", "max_mean_load", "router_bias")
+               "expert_usage", "dropped_fraction_by_rank", "load_cv", "max_mean_load", "idle_experts", "router_bias")
 
 
 def held_out_metrics(run, params, batches) -> dict:
@@ -83,6 +83,9 @@ def held_out_metrics(run, params, batches) -> dict:
     if key.startswith("router/") and key.count("/") >= 3:      # router/<stack>/<layer>/<metric>
       layer, metric = key[len("router/"):].rsplit("/", 1)
       router.setdefault(layer, {})[metric] = np.asarray(value).tolist()
+  for layer_metrics in router.values():   # over every held-out token: experts none of them chose
+    if "expert_usage" in layer_metrics:
+      layer_metrics["dead_experts"] = int(np.sum(np.asarray(layer_metrics["expert_usage"]) == 0))
   result = {"neg_log_perplexity": -float(mean["cross_entropy_loss"]), "token_accuracy": float(mean["accuracy"]),
             "num_target_tokens": tokens, "batches": len(batches)}
   if router:
