@@ -73,8 +73,11 @@ def parser():
   return p
 
 
-def switch_label(args) -> str:
-  return f"switch-{args.experts}" + ("" if args.layout == "all" else f" ({args.layout})")
+def switch_label(args, with_gin: bool = True) -> str:
+  label = f"switch-{args.experts}" + ("" if args.layout == "all" else f" ({args.layout})")
+  if with_gin and args.switch_gin:
+    label += " [" + ", ".join(b.split(".", 1)[-1] for b in args.switch_gin) + "]"
+  return label
 
 
 def candidate_base(settings: dict, args) -> dict:
@@ -107,8 +110,10 @@ def main(argv=None) -> dict:
                                    f"ModelConfig.decoder_sparse='{args.layout}'", *args.switch_gin]}
     results = {}
     for label, overrides in models.items():
-      run_name = label.replace(", ", "-").replace(" (", "-").replace(")", "").replace(":", "").replace(" ", "")
-      if label == switch_label(args) and args.switch_gin:   # its own directory beside the plain Switch runs
+      is_switch = label == switch_label(args)
+      run_name = (switch_label(args, with_gin=False) if is_switch else label).replace(", ", "-").replace(
+          " (", "-").replace(")", "").replace(":", "").replace(" ", "")
+      if is_switch and args.switch_gin:   # its own directory beside the plain Switch runs
         run_name += "-" + (args.tag or common.run_key([args.switch_gin]))
       runs = [common.run(f"{name}-{run_name}", overrides, seed, base, args.work_dir)
               for seed in range(base["seeds"])]

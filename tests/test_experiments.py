@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import (adam_moments, capacity_factor, distillation, expert_count, gpu_scaling, init_scale,
-                         regime, report, sparse_vs_dense, upcycling)
+from experiments import (adam_moments, balancing, capacity_factor, distillation, expert_count, gpu_scaling,
+                         init_scale, regime, report, sparse_vs_dense, upcycling)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def work(tmp_path_factory):
     (expert_count, "expert_count", ["--wide", "2", "--at_steps", "2"]), (capacity_factor, "capacity_factor", []),
     (sparse_vs_dense, "sparse_vs_dense", ["--target_step", "2"]), (init_scale, "init_scale", []),
     (adam_moments, "adam_moments", []), (gpu_scaling, "gpu_scaling", []), (regime, "regime", []),
-    (upcycling, "upcycling", []), (distillation, "distillation", [])])
+    (upcycling, "upcycling", []), (distillation, "distillation", []), (balancing, "balancing", [])])
 def test_script_quick_mode(script, name, extra, work):
   out = work / "results"
   script.main(["--quick", "--out", str(out), "--work_dir", str(work / "runs"), *extra])
@@ -50,6 +50,13 @@ def test_script_quick_mode(script, name, extra, work):
   if name == "distillation":  # the kept share is not read where the teacher has no gain to keep
     assert len(payload["kept_gain"]) == 1
     assert ("not read" in (out / f"{name}.md").read_text()) == (payload["teacher_gain"] <= 0)
+  if name == "balancing":  # the load CV over training, per variant; granularity keeps the FLOPs per token
+    rows = {row["variant"]: row for row in payload["rows"]}
+    assert all(row["load_cv_curves"][0] for row in rows.values())
+    fine, coarse = rows["granularity 2"]["flops_per_token"], rows["switch loss (group)"]["flops_per_token"]
+    assert coarse < fine < 1.03 * coarse          # the same expert FLOPs; only the router grows (2x the experts)
+    assert rows["granularity 2"]["params"] > rows["switch loss (group)"]["params"]   # router columns only
+    assert (out / f"{name}_load_cv.png").stat().st_size > 1000
   if name == "gpu_scaling":  # tokens/s per model; MFU needs a known peak (none for a CPU)
     assert all(row["tokens_per_s"] > 0 for row in payload["rows"]) and payload["peak_flops"] is None
     assert {row["experts"] for row in payload["rows"]} == {0, 8}
