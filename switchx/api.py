@@ -24,12 +24,13 @@ from switchx.interop.hf import export_hf, import_hf
 from switchx.interop.native import CONFIG_FILE, PARAMS_FILE, load, save  # noqa: F401 (re-exported)
 from switchx.interop.t5x import import_t5x
 from switchx.models.encoder_decoder import EncoderDecoder
+from switchx.quantize import dequantize
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_logits(config: ModelConfig):
   model = EncoderDecoder(config)
-  return jax.jit(lambda params, enc, dec: model.apply({"params": params}, enc, dec, train=False)[0])
+  return jax.jit(lambda params, enc, dec: model.apply({"params": dequantize(params)}, enc, dec, train=False)[0])
 
 
 def logits(config: ModelConfig, params, encoder_input_tokens, decoder_input_tokens) -> jax.Array:

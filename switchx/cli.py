@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -46,6 +47,33 @@ def _params(args: argparse.Namespace) -> int:
         f"(inputs {train.inputs_length}, targets {train.targets_length})")
   for kind, n in model_stats.module_table(model):
     print(f"  {kind:<36s} {n:>16,d}")
+  if args.quantized:
+    print(ledger_text(model, args.quantized))
+  return 0
+
+
+def ledger_text(model, bits: int) -> str:
+  """The bytes of `model` with its expert matrices quantized to `bits` (switchx/quantize.py), from shapes."""
+  from switchx import model_stats, quantize
+  book = quantize.ledger(model_stats.param_shapes(model), bits)
+  mb = lambda n: f"{n / 2**20:10.2f} MiB"
+  return "\n".join([
+      f"quantized to int{bits} (expert matrices; the rest float32):",
+      f"  expert codes         {mb(book['expert_code_bytes'])}  ({bits} bits x {book['expert_params']:,d})",
+      f"  expert scales        {mb(book['scale_bytes'])}  (float16, one per expert output channel)",
+      f"  everything else      {mb(book['other_bytes'])}  (float32)",
+      f"  total                {mb(book['total_bytes'])}  ({book['bits_per_param']:.2f} bits per parameter; "
+      f"experts {book['expert_bits_per_param']:.2f}; float32: {book['total_params'] * 4 / 2**20:.2f} MiB)"])
+
+
+def _quantize(args: argparse.Namespace) -> int:
+  from switchx import quantize
+  from switchx.interop.native import PARAMS_FILE, load, save
+  config, params = load(args.model)
+  save(config, quantize.quantize_experts(params, args.bits), args.out)
+  size = os.path.getsize(os.path.join(args.out, PARAMS_FILE))
+  print(ledger_text(config, args.bits))
+  print(f"wrote {args.out}/{PARAMS_FILE}: {size / 2**20:.2f} MiB")
   return 0
 
 
@@ -279,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
   params.add_argument("--json", action="store_true",
                       help="print one JSON object: total_params, expert_params, active_params, flops_per_token")
   params.add_argument("--all", action="store_true", help="a Markdown table of every model preset")
+  params.add_argument("--quantized", type=int, choices=(8, 4), default=0,
+                      help="also the bytes with expert weights quantized to 8 or 4 bits (switchx quantize)")
   params.set_defaults(run=_params)
 
   train = sub.add_parser("train", help="train (or resume) a model: span-corruption pre-training")
@@ -322,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument("--config", default="", help="t5x only: a switchx config.json describing the model "
                                                      "(or give its preset with --gin_file)")
   convert.set_defaults(run=_convert)
+
+  quant = sub.add_parser("quantize", help="quantize a saved model's expert weights (round to nearest, per output "
+                                          "channel) to int8 or int4; decode and eval run from the result")
+  quant.add_argument("--model", required=True, help="a switchx.save directory (or a transformers one)")
+  quant.add_argument("--bits", type=int, choices=(8, 4), default=8)
+  quant.add_argument("--out", required=True, help="where the quantized model goes (a switchx.save directory)")
+  quant.set_defaults(run=_quantize)
 
   evaluate = sub.add_parser("eval", help="held-out metrics of a run's newest checkpoint (eval capacity factor): "
                                          "neg. log perplexity, token accuracy, router metrics -> eval.json")

@@ -31,6 +31,7 @@ from switchx.config import DecodeConfig, ModelConfig, check_vocab
 from switchx.losses import argmax
 from switchx.models.encoder_decoder import EncoderDecoder
 from switchx.moe.experts import expert_compute_dtype
+from switchx.quantize import dequantize
 
 EOS_ID = 1
 # Log-probability of an impossible hypothesis: finite, so sums and comparisons never make NaN.
@@ -114,6 +115,7 @@ def length_penalty(length, alpha):
 # --- the pieces every strategy shares -----------------------------------------------------------------------
 def _start(model: EncoderDecoder, params, encoder_tokens: jax.Array, max_length: int):
   """Encoder output and an empty cache for [B, max_length] decoder tokens, and the one-step function."""
+  params = dequantize(params)                  # quantized expert weights: dequantized inside the jitted loop
   encoded, _ = model.apply({"params": params}, encoder_tokens, method=EncoderDecoder.encode)   # [B, Le, D]
   batch = encoder_tokens.shape[0]
   empty = jnp.zeros((batch, max_length), jnp.int32)                                          # sizes the cache

@@ -3,7 +3,9 @@
   config.json         {"switchx_format_version": 1, <every ModelConfig field>, "moe": {<every MoeConfig field>}};
                       sparse layouts are strings or lists of layer indices. Missing fields take the defaults.
   params.safetensors  float32 tensors named by their "/"-joined path in the parameter tree,
-                      e.g. "encoder/layers_1/moe/experts/wi" (safetensors: no pickle, readable from numpy / torch).
+                      e.g. "encoder/layers_1/moe/experts/wi" (safetensors: no pickle, readable from numpy / torch);
+                      a quantized expert matrix (switchx/quantize.py) as "<path>.codes" and "<path>.scale", its
+                      bits and shape in the file's metadata ("quantized").
 A directory whose config.json has a "model_type" is read as a transformers checkpoint (interop.hf.import_hf).
 """
 
@@ -13,11 +15,13 @@ import json
 import os
 
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 from switchx.config import FORMAT_VERSION, ModelConfig, config_from_dict, config_to_dict
 from switchx.interop.hf import import_hf, read_hf_config
 from switchx.interop.param_tree import check_params, flatten, unflatten
+from switchx.quantize import Quantized, from_tensors, to_tensors
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
@@ -27,13 +31,15 @@ def save(config: ModelConfig, params, path: str) -> None:
   """Writes `path`/config.json and params.safetensors (the format in the module doc); the params must match
   the config (checked first, nothing written otherwise)."""
 
-  flat = {name: np.asarray(value) for name, value in flatten(params).items()}
+  flat = {name: value if isinstance(value, Quantized) else np.asarray(value)
+          for name, value in flatten(params).items()}
   check_params(config, unflatten(flat), "switchx.save params")
+  tensors, quantized = to_tensors(flat)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(config_to_dict(config), f, indent=2)
-  safetensors.numpy.save_file({name: np.ascontiguousarray(value) for name, value in flat.items()},
-                              os.path.join(path, PARAMS_FILE), metadata={"format": "switchx"})
+  safetensors.numpy.save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()},
+                              os.path.join(path, PARAMS_FILE), metadata={"format": "switchx", **quantized})
 
 
 def load(path: str) -> tuple[ModelConfig, dict]:
@@ -54,6 +60,8 @@ def load(path: str) -> tuple[ModelConfig, dict]:
   if not os.path.isfile(params_path):
     raise FileNotFoundError(f"{path!r} has a switchx config.json but no {PARAMS_FILE}; was the save interrupted?")
 
-  params = unflatten(safetensors.numpy.load_file(params_path))
+  with safetensors.safe_open(params_path, framework="numpy") as f:
+    metadata = f.metadata()
+  params = unflatten(from_tensors(safetensors.numpy.load_file(params_path), metadata))
   check_params(config, params, params_path)
   return config, params

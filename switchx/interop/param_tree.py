@@ -53,7 +53,8 @@ def check_params(config: ModelConfig, params, source: str) -> None:
   unexpected = sorted(set(flat) - set(expected))
   wrong = [f"{path} has shape {tuple(np.shape(flat[path]))}, the config implies {shape}"
            for path, shape in expected.items() if path in flat and tuple(np.shape(flat[path])) != shape]
-  wrong_dtype = [path for path in expected if path in flat and np.asarray(flat[path]).dtype != np.float32]
+  dtype = lambda v: v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype   # a Quantized leaf: float32
+  wrong_dtype = [path for path in expected if path in flat and dtype(flat[path]) != np.float32]
   problems = []
   if missing:
     problems.append(f"missing parameters: {listing(missing)}")

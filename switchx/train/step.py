@@ -19,6 +19,7 @@ from flax import traverse_util
 from switchx.losses import total_loss
 from switchx.models.encoder_decoder import EncoderDecoder
 from switchx.moe import routing
+from switchx.quantize import dequantize
 
 MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "encoder_segment_ids",
                 "decoder_segment_ids", "encoder_positions", "decoder_positions")
@@ -66,8 +67,8 @@ def loss_and_metrics(params, batch: dict, rng: jax.Array | None, *, model: Encod
   rngs = None
   if train:
     rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(RNG_STREAMS)}
-  (logits, moe_aux), state = model.apply({"params": params}, **model_inputs(batch), train=train, rngs=rngs,
-                                          mutable=["balance"])
+  (logits, moe_aux), state = model.apply({"params": dequantize(params)}, **model_inputs(batch), train=train,
+                                          rngs=rngs, mutable=["balance"])
   loss, metrics = total_loss(model.config, logits, moe_aux, batch, z_loss_coef, num_tokens, moe_weight, *distill)
   if state.get("balance"):          # bias balancing: each layer's choices per expert, for train_step
     metrics[EXPERT_LOAD] = state["balance"]
