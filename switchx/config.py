@@ -283,6 +283,85 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderOnlyConfig:
+  """A decoder-only (causal) language model as Mixtral, OLMoE and Qwen-MoE build them (models/decoder_only.py):
+  pre-norm RMSNorm, rotary positions, grouped-query attention, gated (SwiGLU) feed-forward layers, the layers in
+  `sparse` replaced by the same MoE layer as the encoder-decoder's (MoeConfig)."""
+
+  vocab_size: int = 32000
+  d_model: int = 512
+  num_layers: int = 8
+  num_heads: int = 8
+  num_kv_heads: int = 8                  # key/value heads; < num_heads: grouped-query attention (must divide it)
+  head_dim: int | None = None            # None: d_model // num_heads
+  d_ff: int = 1408                       # the dense FFN's hidden size (and each expert's unless moe.expert_d_ff)
+  activation: str = "gated-silu"         # SwiGLU
+  rope_theta: float = 10000.0
+  norm_epsilon: float = 1e-5
+  tie_embeddings: bool = False           # output logits from the token embedding (unscaled, as transformers)
+  dropout_rate: float = 0.0
+  init_scale: float = 1.0                # truncated normal, std = sqrt(init_scale / fan_in)
+  dtype: str = "float32"                 # activation dtype; parameters are always float32
+  sparse: SparseLayout = "all"           # which layers' FFN is a MoE layer (see sparse_layers)
+  moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+
+  def __post_init__(self):
+    own = "DecoderOnlyConfig"
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+      if getattr(self, name) < 1:
+        _fail(own, name, getattr(self, name), "must be >= 1.")
+    if self.num_heads % self.num_kv_heads:
+      _fail(own, "num_kv_heads", self.num_kv_heads,
+            f"each key/value head serves a whole group of query heads: it must divide num_heads={self.num_heads}.")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      _fail(own, "head_dim", None, f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set "
+            "head_dim explicitly.")
+    if self.kv_dim % 2:
+      _fail(own, "head_dim", self.kv_dim, "rotary positions rotate pairs of features: it must be even.")
+    if self.activation not in ACTIVATIONS:
+      _fail(own, "activation", self.activation, f"choose one of {ACTIVATIONS}.")
+    if self.dtype not in DTYPES:
+      _fail(own, "dtype", self.dtype, f"choose one of {DTYPES}.")
+    if not self.rope_theta > 0:
+      _fail(own, "rope_theta", self.rope_theta, "must be > 0 (10000 for Llama / Mixtral-8x7B).")
+    if not 0 <= self.dropout_rate < 1:
+      _fail(own, "dropout_rate", self.dropout_rate, "must be in [0, 1).")
+    if not isinstance(self.moe, MoeConfig):
+      _fail(own, "moe", self.moe, "must be a MoeConfig.")
+    if self.sparse_layers:
+      if self.moe.router == "experts_choose":
+        _fail("MoeConfig", "router", self.moe.router, "expert-choice routing lets a token's routing depend on "
+              "later tokens, which breaks a causal model; use tokens_choose.")
+      if self.moe.batch_prioritized:
+        _fail("MoeConfig", "batch_prioritized", True, "orders tokens by router confidence across the sequence, "
+              "which breaks causality; disable it.")
+
+  @property
+  def kv_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def sparse_layers(self) -> tuple[int, ...]:
+    return sparse_layers(self.sparse, self.num_layers, "sparse")
+
+  @property
+  def is_sparse(self) -> bool:
+    return bool(self.sparse_layers)
+
+  @property
+  def expert_dropout_rate(self) -> float:
+    rate = self.moe.expert_dropout_rate
+    return self.dropout_rate if rate is None else rate
+
+  @property
+  def expert_d_ff(self) -> int:
+    return self.moe.expert_d_ff or self.d_ff
+
+  def replace(self, **changes) -> "DecoderOnlyConfig":
+    return dataclasses.replace(self, **changes)
+
+
 def check_vocab(config: ModelConfig, max_token_id: int, source: str = "the inputs") -> None:
   """Fails early when the tokens fed to the model do not fit its vocabulary."""
   if max_token_id >= config.vocab_size:

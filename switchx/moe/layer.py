@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from switchx.axes import BATCH, EMBED, UNMODELED
-from switchx.config import ModelConfig, MoeConfig
+from switchx.config import DecoderOnlyConfig, ModelConfig, MoeConfig
 from switchx.moe.dispatch import capacity_and_block, make_dispatcher
 from switchx.moe.experts import Experts
 from switchx.moe.routing import ExpertChoice, Router, TokenChoice
@@ -63,7 +63,7 @@ class MoeLayer(nn.Module):
   dtype: str = "float32"                  # the model's activation dtype
 
   @classmethod
-  def for_model(cls, config: ModelConfig, **kwargs) -> "MoeLayer":
+  def for_model(cls, config: ModelConfig | DecoderOnlyConfig, **kwargs) -> "MoeLayer":
     return cls(config.moe, config.expert_d_ff, config.activation, config.expert_dropout_rate, config.init_scale,
                config.dtype, **kwargs)
 

@@ -1,4 +1,5 @@
-"""T5 attention: masks, relative position bias and multi-head attention (no 1/sqrt(d_head) scaling).
+"""T5 attention: masks, relative position bias and multi-head attention (no 1/sqrt(d_head) scaling); and the
+grouped-query attention with rotary positions of decoder-only models.
 
 Legend: B batch, Q query length, K key length, H heads, Dh head dim, D d_model.
 """
@@ -14,6 +15,7 @@ import numpy as np
 
 from switchx.axes import BATCH, EMBED, HEADS, KV, LENGTH, RELPOS
 from switchx.nn.linear import DenseGeneral, matmul
+from switchx.nn.rotary import rotary
 
 # Added to masked attention logits. Finite, so a fully masked row (a padding query) gives a uniform softmax
 # instead of NaN; real queries always have at least one visible key.
@@ -180,3 +182,39 @@ class MultiHeadAttention(nn.Module):
     cached_key = self.variable("cache", "cached_key", lambda: k)
     cached_value = self.variable("cache", "cached_value", lambda: v)
     return cached_key.value, cached_value.value
+
+
+class GroupedQueryAttention(nn.Module):
+  """Causal self-attention of decoder-only models (Llama, Mixtral, OLMoE, Qwen): rotary positions on queries and
+  keys, logits scaled by 1 / sqrt(head_dim), and num_kv_heads key/value heads each shared by a group of
+  num_heads / num_kv_heads query heads (query head h reads key/value head h // group; = num_heads: ordinary
+  multi-head attention, 1: multi-query). Parameters: query [D, H, Dh], key and value [D, Hkv, Dh], out [H, Dh, D]."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  dropout_rate: float = 0.0
+  init_scale: float = 1.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
+    """x [B, L, D], positions [B, L], bias [B|1, 1, L, L] (mask: causal, padding, segments) -> [B, L, D]."""
+    batch, length, d_model = x.shape
+    heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+    proj = lambda name, n: DenseGeneral((n, head_dim), (EMBED, HEADS, KV), init_scale=self.init_scale,
+                                        dtype=self.dtype, name=name)
+    q = rotary(proj("query", heads)(x), positions, self.rope_theta)            # [B, L, H, Dh]
+    k = rotary(proj("key", kv_heads)(x), positions, self.rope_theta)           # [B, L, Hkv, Dh]
+    v = proj("value", kv_heads)(x)                                             # [B, L, Hkv, Dh]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)        # [B, L, Hkv, G, Dh]
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)  # [B, Hkv, G, Q, K]
+    logits = logits * head_dim ** -0.5 + bias[:, :, None]
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = matmul("bhgqk,bkhd->bqhgd", weights, v, self.dtype)                   # [B, L, Hkv, G, Dh]
+    out = out.reshape(batch, length, heads, head_dim)
+    out = DenseGeneral(d_model, (HEADS, KV, EMBED), num_contract=2, init_scale=self.init_scale,
+                       dtype=self.dtype, name="out")(out)                       # [B, L, D]
+    return nn.with_logical_constraint(out, (BATCH, LENGTH, EMBED))
