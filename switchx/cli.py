@@ -43,8 +43,9 @@ def _params(args: argparse.Namespace) -> int:
   print(f"total parameters     {fmt(stats['total_params']):>10s}  ({stats['total_params']:,d})")
   print(f"expert parameters    {fmt(stats['expert_params']):>10s}  ({stats['expert_params']:,d})")
   print(f"active per token     {fmt(stats['active_params']):>10s}  ({stats['active_params']:,d})")
-  print(f"forward FLOPs/token  {fmt(stats['flops_per_token']):>10s}  "
-        f"(inputs {train.inputs_length}, targets {train.targets_length})")
+  lengths = (f"causal LM, sequences of {train.inputs_length + train.targets_length} tokens"
+             if hasattr(model, "num_layers") else f"inputs {train.inputs_length}, targets {train.targets_length}")
+  print(f"forward FLOPs/token  {fmt(stats['flops_per_token']):>10s}  ({lengths})")
   for kind, n in model_stats.module_table(model):
     print(f"  {kind:<36s} {n:>16,d}")
   if args.quantized:
@@ -124,7 +125,7 @@ def _run_training(args: argparse.Namespace, command: str, start) -> int:
 def _train(args: argparse.Namespace) -> int:
   from switchx.train.loop import train
   return _run_training(args, "train", lambda gin, mesh: train(
-      gin.model_config(), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
+      gin.encoder_decoder_config(args.command), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
       operative_config=gin.operative_config()))
 
 
@@ -136,7 +137,8 @@ def _plan(args: argparse.Namespace) -> int:
   mesh = MeshConfig.parse(args.mesh)
   if -1 in (mesh.data, mesh.expert, mesh.model):
     raise ValueError("--mesh: give every axis size, e.g. data=16,expert=128,model=1 (plan looks at no devices).")
-  model, train = gin_config.load(args.gin_file, args.gin_bindings)
+  gin_config.parse(args.gin_file, args.gin_bindings)
+  model, train = gin_config.encoder_decoder_config("plan"), gin_config.train_config()
   result = plan(model, train, {"data": mesh.data, "expert": mesh.expert, "model": mesh.model})
   if args.json:
     print(json.dumps(result))
@@ -273,7 +275,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _upcycle(args: argparse.Namespace) -> int:
   from switchx.train.upcycle import upcycle
   return _run_training(args, "upcycle", lambda gin, mesh: upcycle(
-      args.init_from, gin.model_config(), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
+      args.init_from, gin.encoder_decoder_config("upcycle"), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
       router_stddev=args.router_stddev, reinit_fraction=args.reinit_fraction,
       operative_config=gin.operative_config()))
 
@@ -286,7 +288,7 @@ def _distill(args: argparse.Namespace) -> int:
     train_config = gin.train_config()
     if not any(b.startswith("TrainConfig.distill_soft_weight") for b in args.gin_bindings):
       train_config = dataclasses.replace(train_config, distill_soft_weight=args.soft_weight)
-    return distill(args.teacher, gin.model_config(), train_config, gin.data_config(), mesh,
+    return distill(args.teacher, gin.encoder_decoder_config("distill"), train_config, gin.data_config(), mesh,
                    model_dir=args.model_dir, init_from_teacher=not args.fresh_student,
                    operative_config=gin.operative_config())
 

@@ -1,7 +1,8 @@
 """Gin at the edge: configs/*.gin and `--gin.NAME=VALUE` flags -> the frozen config dataclasses.
 
 Nothing inside the model reads gin. Gin files bind the dataclasses' fields by their class names (ModelConfig,
-MoeConfig, TrainConfig, DataConfig, MeshConfig, DecodeConfig, TaskConfig, FinetuneConfig):
+MoeConfig, TrainConfig, DataConfig, MeshConfig, DecodeConfig, TaskConfig, FinetuneConfig, and DecoderOnlyConfig
+for the decoder-only presets):
 
     ModelConfig.d_model = 768
     MoeConfig.num_experts = 8          # ModelConfig.moe is always built from the MoeConfig bindings
@@ -25,12 +26,12 @@ from typing import Sequence
 
 import gin
 
-from switchx.config import (DataConfig, DecodeConfig, FinetuneConfig, ModelConfig, MoeConfig, TaskConfig,
-                            TrainConfig)
+from switchx.config import (DataConfig, DecodeConfig, DecoderOnlyConfig, FinetuneConfig, ModelConfig, MoeConfig,
+                            TaskConfig, TrainConfig)
 from switchx.parallel.mesh import MeshConfig
 
 CONFIG_CLASSES = {cls.__name__: cls for cls in (ModelConfig, MoeConfig, TrainConfig, DataConfig, MeshConfig,
-                                                DecodeConfig, TaskConfig, FinetuneConfig)}
+                                                DecodeConfig, TaskConfig, FinetuneConfig, DecoderOnlyConfig)}
 _GIN = {name: gin.external_configurable(cls, name=name) for name, cls in CONFIG_CLASSES.items()}
 CONFIG_ROOT = Path(os.environ.get("SWITCHX_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 CONFIG_FOLDERS = ("models", "runs", "experiments")
@@ -76,7 +77,7 @@ def _check_binding_name(name: str) -> None:
     raise ValueError(f"unknown gin binding {name!r}: no configurable named {owner!r}.{hint} "
                      f"Configurables: {', '.join(CONFIG_CLASSES)}.")
   fields = [f.name for f in dataclasses.fields(CONFIG_CLASSES[owner])]
-  if owner == "ModelConfig":
+  if owner in ("ModelConfig", "DecoderOnlyConfig"):
     fields.remove("moe")  # built from the MoeConfig bindings
   if field not in fields:
     close = difflib.get_close_matches(field, fields, n=3)
@@ -122,13 +123,34 @@ def _quiet_include_search():
 
 def build(name: str, **overrides):
   """The named config dataclass with its gin bindings applied (ModelConfig gets its MoeConfig too)."""
-  if name == "ModelConfig" and "moe" not in overrides:
+  if name in ("ModelConfig", "DecoderOnlyConfig") and "moe" not in overrides:
     overrides["moe"] = _GIN["MoeConfig"]()
   return _GIN[name](**overrides)
 
 
-def model_config() -> ModelConfig:
+def model_config() -> ModelConfig | DecoderOnlyConfig:
+  """The model the bindings describe: a DecoderOnlyConfig where any of its fields is bound (the decoder-only
+  presets, e.g. models/mixtral_8x7b), else the encoder-decoder's ModelConfig."""
+  return build("DecoderOnlyConfig" if decoder_only_bound() else "ModelConfig")
+
+
+def encoder_decoder_config(command: str) -> ModelConfig:
+  """The bound ModelConfig, for a command that runs encoder-decoder models only (a clear error otherwise)."""
+  if decoder_only_bound():
+    raise ValueError(f"`switchx {command}` runs encoder-decoder models (ModelConfig); these gin files describe a "
+                     "decoder-only model (DecoderOnlyConfig), which so far has its forward pass, Mixtral import and "
+                     "`switchx params` only. Use an encoder-decoder preset (e.g. switch_base_8).")
   return build("ModelConfig")
+
+
+def decoder_only_bound() -> bool:
+  for field in dataclasses.fields(DecoderOnlyConfig):
+    try:
+      gin.query_parameter(f"DecoderOnlyConfig.{field.name}")
+      return True
+    except ValueError:
+      continue
+  return False
 
 
 def train_config() -> TrainConfig:

