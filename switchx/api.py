@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchx.config import ModelConfig, check_vocab, config_from_dict, config_to_dict  # noqa: F401 (re-exported)
-from switchx.interop.hf import export_hf, import_hf
+from switchx.config import DecoderOnlyConfig, ModelConfig, check_vocab, config_from_dict, config_to_dict  # noqa: F401
+from switchx.interop import hf_decoder
+from switchx.interop.hf import export_hf, import_hf  # noqa: F401 (re-exported)
 from switchx.interop.native import CONFIG_FILE, PARAMS_FILE, load, save  # noqa: F401 (re-exported)
 from switchx.interop.t5x import import_t5x
 from switchx.models.encoder_decoder import EncoderDecoder
@@ -76,11 +77,11 @@ def convert(src: str, dst: str, from_format: str, to_format: str,
       with open(config) as f:
         config = config_from_dict(json.load(f), config)
     params = import_t5x(src, config)
-  elif from_format == "hf":
-    config, params = import_hf(src)
-  else:
+  else:   # "hf" (transformers' T5 / SwitchTransformers / Mixtral directories) or "switchx"
     config, params = load(src)
-  if to_format == "hf":
+  if to_format == "hf" and isinstance(config, DecoderOnlyConfig):
+    hf_decoder.export_dir(config, params, dst)
+  elif to_format == "hf":
     export_hf(config, params, dst)
   else:
     save(config, params, dst)

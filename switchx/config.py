@@ -609,25 +609,34 @@ class FinetuneConfig:
 FORMAT_VERSION = 1
 
 
-def config_to_dict(config: ModelConfig) -> dict:
-  """The JSON form of a config (the moe field nested)."""
-  return {"switchx_format_version": FORMAT_VERSION, **dataclasses.asdict(config)}
+ARCHITECTURES = {"encoder_decoder": ModelConfig, "decoder_only": DecoderOnlyConfig}
 
 
-def config_from_dict(fields: dict, source: str = "config") -> ModelConfig:
-  """A ModelConfig from its JSON form; unknown fields are an error (written by a newer switchx?)."""
+def config_to_dict(config: ModelConfig | DecoderOnlyConfig) -> dict:
+  """The JSON form of a config (the moe field nested; a decoder-only one says so in "architecture")."""
+  tag = {"architecture": "decoder_only"} if isinstance(config, DecoderOnlyConfig) else {}
+  return {"switchx_format_version": FORMAT_VERSION, **tag, **dataclasses.asdict(config)}
+
+
+def config_from_dict(fields: dict, source: str = "config") -> ModelConfig | DecoderOnlyConfig:
+  """A ModelConfig (or DecoderOnlyConfig) from its JSON form; unknown fields are an error (a newer switchx?)."""
   fields = {k: v for k, v in fields.items() if k != "switchx_format_version"}
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  architecture = fields.pop("architecture", "encoder_decoder")
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"{source}: architecture {architecture!r} is unknown (this switchx reads "
+                     f"{', '.join(ARCHITECTURES)}); was it written by a newer switchx?")
+  cls = ARCHITECTURES[architecture]
+  known = {f.name for f in dataclasses.fields(cls)}
   moe_known = {f.name for f in dataclasses.fields(MoeConfig)}
   moe = fields.pop("moe", {}) or {}
   unknown = sorted(set(fields) - known) + sorted(f"moe.{k}" for k in set(moe) - moe_known)
   if unknown:
     raise ValueError(f"{source}: unknown config fields {unknown}; was it written by a newer switchx? Remove them "
                      "or upgrade switchx.")
-  for name in ("encoder_sparse", "decoder_sparse"):
+  for name in ("encoder_sparse", "decoder_sparse", "sparse"):
     if isinstance(fields.get(name), list):
       fields[name] = tuple(fields[name])
   try:
-    return ModelConfig(**fields, moe=MoeConfig(**moe))
+    return cls(**fields, moe=MoeConfig(**moe))
   except (TypeError, ValueError) as e:
     raise ValueError(f"{source}: invalid config: {e}") from e

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchx.config import ModelConfig
+from switchx.config import DecoderOnlyConfig, ModelConfig
+from switchx.models.decoder_only import DecoderOnly
 from switchx.models.encoder_decoder import EncoderDecoder
 
 _SHOWN = 8  # names listed in an error before "... and N more"
@@ -24,7 +25,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """{path: shape} of every parameter of EncoderDecoder(config), from jax.eval_shape (no compute)."""
 
   tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-  abstract = jax.eval_shape(EncoderDecoder(config).init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+  if isinstance(config, DecoderOnlyConfig):
+    abstract = jax.eval_shape(DecoderOnly(config).init, jax.random.PRNGKey(0), tokens)["params"]
+  else:
+    abstract = jax.eval_shape(EncoderDecoder(config).init, jax.random.PRNGKey(0), tokens, tokens)["params"]
   flat = flax.traverse_util.flatten_dict(nn.unbox(abstract), sep="/")
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
