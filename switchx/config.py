@@ -23,6 +23,7 @@ DISPATCH = ("einsum", "index", "dropless")
 SEMANTICS = ("switch", "transformers")
 BALANCE_SCOPES = ("group", "sequence", "global")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16")
+QK_NORMS = ("none", "head", "full")
 
 # A sparse layout says which feed-forward positions of a stack are MoE layers:
 #   "none" | "all" | "every:N" (layer i sparse when i % N == N - 1, the original Switch placement)
@@ -300,6 +301,8 @@ class DecoderOnlyConfig:
   rope_theta: float = 10000.0
   norm_epsilon: float = 1e-5
   tie_embeddings: bool = False           # output logits from the token embedding (unscaled, as transformers)
+  qk_norm: str = "none"                  # RMSNorm on queries / keys: "head" (Qwen3), "full" (OLMoE) or "none"
+  qkv_bias: bool = False                 # biases on the query / key / value projections (Qwen1.5-MoE)
   dropout_rate: float = 0.0
   init_scale: float = 1.0                # truncated normal, std = sqrt(init_scale / fan_in)
   dtype: str = "float32"                 # activation dtype; parameters are always float32
@@ -323,6 +326,8 @@ class DecoderOnlyConfig:
       _fail(own, "activation", self.activation, f"choose one of {ACTIVATIONS}.")
     if self.dtype not in DTYPES:
       _fail(own, "dtype", self.dtype, f"choose one of {DTYPES}.")
+    if self.qk_norm not in QK_NORMS:
+      _fail(own, "qk_norm", self.qk_norm, f"choose one of {QK_NORMS}.")
     if not self.rope_theta > 0:
       _fail(own, "rope_theta", self.rope_theta, "must be > 0 (10000 for Llama / Mixtral-8x7B).")
     if not 0 <= self.dropout_rate < 1:

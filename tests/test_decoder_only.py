@@ -93,6 +93,48 @@ def _mixtral(seed, **changes):
   return torch, model
 
 
+FAMILY_SETTINGS = {   # tiny random models of each family, with the features that set it apart switched on
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(num_experts=6, num_experts_per_tok=3, norm_topk_prob=False)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, decoder_sparse_step=1, mlp_only_layers=[0], use_sliding_window=False)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        num_experts=8, num_experts_per_tok=4, norm_topk_prob=True, moe_intermediate_size=20, head_dim=12,
+        decoder_sparse_step=2, mlp_only_layers=[], use_sliding_window=False, num_hidden_layers=4)),
+}
+
+
+def _family(name, seed):
+  torch = pytest.importorskip("torch", reason="needs the interop extra: pip install -e '.[interop]'")
+  transformers = pytest.importorskip("transformers", reason="needs the interop extra")
+  model_cls, config_cls, extra = FAMILY_SETTINGS[name]
+  settings = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+  settings.update(extra)
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings)).eval()
+  with torch.no_grad():   # widen the small default init; norm scales and biases random too, so they are checked
+    for pname, p in model.named_parameters():
+      p.normal_(1.0 if "norm" in pname else 0.0, 0.2 if ("norm" in pname or "bias" in pname) else 0.3)
+  return torch, model
+
+
+@pytest.mark.parametrize("family", list(FAMILY_SETTINGS))
+def test_logits_match_transformers_olmoe_and_qwen_moe(family):
+  """OLMoE (query / key RMSNorm over all heads, top-3 of 6 unnormalised), Qwen1.5-MoE (q/k/v biases, a gated
+  shared expert, a dense first layer, top-2 unnormalised), Qwen3-MoE (per-head query / key RMSNorm, head_dim
+  12 != d_model / heads, every other layer sparse, top-4 normalised): float32 logits within 1e-4."""
+  from switchx.interop.hf_decoder import from_hf
+  torch, model = _family(family, 4)
+  tokens = np.random.RandomState(4).randint(1, 96, (2, 10)).astype(np.int64)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(tokens)).logits.numpy()
+  config, params = from_hf(model.config, model.state_dict())
+  got = np.asarray(_apply(config)(params, jnp.asarray(tokens, jnp.int32), None, None))
+  assert np.abs(expected).max() > 1.0
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("seed,changes", [(0, {}), (1, dict(num_key_value_heads=1, num_experts_per_tok=1)),
                                           (2, dict(num_key_value_heads=4, tie_word_embeddings=True))])
 def test_logits_match_transformers_mixtral(seed, changes):

@@ -39,7 +39,8 @@ class DecoderOnlyLayer(nn.Module):
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
     h = RMSNorm(cfg.norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
     h = GroupedQueryAttention(cfg.num_heads, cfg.num_kv_heads, cfg.kv_dim, cfg.rope_theta, cfg.dropout_rate,
-                              cfg.init_scale, dtype, name="attention")(h, positions, bias, not train)
+                              cfg.init_scale, dtype, cfg.qk_norm, cfg.qkv_bias, cfg.norm_epsilon,
+                              name="attention")(h, positions, bias, not train)
     x = x + dropout(h)
     h = RMSNorm(cfg.norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
     if self.sparse:

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchx.axes import BATCH, EMBED, HEADS, KV, LENGTH, RELPOS
+from switchx.axes import BATCH, EMBED, HEADS, KV, LENGTH, RELPOS, UNMODELED
 from switchx.nn.linear import DenseGeneral, matmul
+from switchx.nn.norm import RMSNorm
 from switchx.nn.rotary import rotary
 
 # Added to masked attention logits. Finite, so a fully masked row (a padding query) gives a uniform softmax
@@ -197,6 +198,10 @@ class GroupedQueryAttention(nn.Module):
   dropout_rate: float = 0.0
   init_scale: float = 1.0
   dtype: Any = jnp.float32
+  qk_norm: str = "none"            # RMSNorm on queries and keys before the rotation: "head" (each head's Dh,
+                                   # one scale shared by the heads: Qwen3) or "full" (all H x Dh: OLMoE)
+  qkv_bias: bool = False           # biases on the query / key / value projections (Qwen1.5 / Qwen2)
+  norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
@@ -204,9 +209,10 @@ class GroupedQueryAttention(nn.Module):
     batch, length, d_model = x.shape
     heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
     proj = lambda name, n: DenseGeneral((n, head_dim), (EMBED, HEADS, KV), init_scale=self.init_scale,
-                                        dtype=self.dtype, name=name)
-    q = rotary(proj("query", heads)(x), positions, self.rope_theta)            # [B, L, H, Dh]
-    k = rotary(proj("key", kv_heads)(x), positions, self.rope_theta)           # [B, L, Hkv, Dh]
+                                        dtype=self.dtype, use_bias=self.qkv_bias, name=name)
+    q = self._norm("query_norm", proj("query", heads)(x))                     # [B, L, H, Dh]
+    k = self._norm("key_norm", proj("key", kv_heads)(x))                       # [B, L, Hkv, Dh]
+    q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
     v = proj("value", kv_heads)(x)                                             # [B, L, Hkv, Dh]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)        # [B, L, Hkv, G, Dh]
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)  # [B, Hkv, G, Q, K]
@@ -218,3 +224,12 @@ class GroupedQueryAttention(nn.Module):
     out = DenseGeneral(d_model, (HEADS, KV, EMBED), num_contract=2, init_scale=self.init_scale,
                        dtype=self.dtype, name="out")(out)                       # [B, L, D]
     return nn.with_logical_constraint(out, (BATCH, LENGTH, EMBED))
+
+  def _norm(self, name: str, x: jax.Array) -> jax.Array:
+    """x [B, L, n, Dh] -> the same, RMS-normalised over Dh ("head") or over n x Dh ("full"), or unchanged."""
+    if self.qk_norm == "head":
+      return RMSNorm(self.norm_epsilon, self.dtype, KV, name=name)(x)
+    if self.qk_norm == "full":
+      flat = RMSNorm(self.norm_epsilon, self.dtype, UNMODELED, name=name)(x.reshape(x.shape[:2] + (-1,)))
+      return flat.reshape(x.shape)
+    return x

@@ -72,7 +72,8 @@ def t5_kernel_init(scale: float, num_in: int, num_out: int, num_batch: int = 0) 
 
 
 class DenseGeneral(nn.Module):
-  """y = x @ kernel, contracting the last `num_contract` dims of x; no bias (T5 has none)."""
+  """y = x @ kernel, contracting the last `num_contract` dims of x; no bias (T5 has none) unless use_bias
+  (Qwen's query / key / value projections): a float32 "bias" of the output's shape, zeros at first."""
 
   features: int | Sequence[int]
   kernel_axes: tuple[str, ...]
@@ -80,6 +81,7 @@ class DenseGeneral(nn.Module):
   init_scale: float = 1.0
   dtype: Dtype = jnp.float32
   out_dtype: Dtype | None = None   # default: dtype
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,7 +94,13 @@ class DenseGeneral(nn.Module):
     batch = letters[: x.ndim - self.num_contract]
     contract = letters[len(batch): len(batch) + self.num_contract]
     out = letters[len(batch) + self.num_contract: len(batch) + self.num_contract + len(features)]
-    return matmul(f"{batch}{contract},{contract}{out}->{batch}{out}", x, kernel, self.dtype, self.out_dtype)
+    y = matmul(f"{batch}{contract},{contract}{out}->{batch}{out}", x, kernel, self.dtype, self.out_dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.kernel_axes[self.num_contract:]),
+                        features, jnp.float32)
+      y = (y.astype(jnp.float32) + bias).astype(y.dtype)
+    return y
 
 
 class Embed(nn.Module):

@@ -14,10 +14,11 @@ from switchx.axes import EMBED
 class RMSNorm(nn.Module):
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
+  axis_name: str = EMBED          # the logical axis of the normalised (last) dimension
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                        (x.shape[-1],), jnp.float32)
     x = x.astype(jnp.float32)  # statistics in float32 whatever the activation dtype
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
