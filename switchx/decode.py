@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchx.config import DecodeConfig, ModelConfig, check_vocab
+from switchx.config import DecodeConfig, DecoderOnlyConfig, ModelConfig, check_vocab
 from switchx.losses import argmax
+from switchx.models.decoder_only import DecoderOnly
 from switchx.models.encoder_decoder import EncoderDecoder
 from switchx.moe.experts import expert_compute_dtype
 from switchx.quantize import dequantize
@@ -100,7 +101,7 @@ def serving_params(config: ModelConfig, params):
     return x
 
   served = jax.tree_util.tree_map_with_path(cast, params)
-  if config.logits_via_embedding:
+  if getattr(config, "logits_via_embedding", False):
     embedder = dict(served["token_embedder"])
     embedder["logits_kernel"] = jnp.asarray(embedder["embedding"]).T.astype(dtype)   # [D, V]
     served = {**served, "token_embedder": embedder}
@@ -113,9 +114,38 @@ def length_penalty(length, alpha):
 
 
 # --- the pieces every strategy shares -----------------------------------------------------------------------
-def _start(model: EncoderDecoder, params, encoder_tokens: jax.Array, max_length: int):
-  """Encoder output and an empty cache for [B, max_length] decoder tokens, and the one-step function."""
+def _start(model, params, inputs: jax.Array, max_length: int):
+  """(cache, step, first): the decoding cache, the one-step function step(cache, tokens [B]) -> (logits [B, V],
+  cache), and the first step's input tokens [B]. An encoder-decoder encodes `inputs` once (first: the start
+  token 0); a decoder-only model reads its prompt `inputs` [B, Lp] into the cache (first: the prompt's last
+  token)."""
   params = dequantize(params)                  # quantized expert weights: dequantized inside the jitted loop
+  if isinstance(model, DecoderOnly):
+    return _start_causal(model, params, inputs, max_length)
+  cache, step = _start_encoder_decoder(model, params, inputs, max_length)
+  return cache, step, jnp.zeros((inputs.shape[0],), jnp.int32)
+
+
+def _start_causal(model: DecoderOnly, params, prompt: jax.Array, max_length: int):
+  batch, prompt_length = prompt.shape
+  empty = jnp.zeros((batch, prompt_length - 1 + max_length), jnp.int32)           # sizes the cache
+  _, variables = model.apply({"params": params}, empty, method=DecoderOnly.decode, mutable=["cache"])
+  cache = variables["cache"]
+  if prompt_length > 1:                                                          # the prompt but its last token
+    _, variables = model.apply({"params": params, "cache": cache}, prompt[:, :-1], method=DecoderOnly.decode,
+                               mutable=["cache"])
+    cache = variables["cache"]
+
+  def step(cache, tokens):
+    (logits, _), updated = model.apply({"params": params, "cache": cache}, tokens[:, None],
+                                       method=DecoderOnly.decode, mutable=["cache"])
+    return logits[:, 0], updated["cache"]
+
+  return cache, step, prompt[:, -1]
+
+
+def _start_encoder_decoder(model: EncoderDecoder, params, encoder_tokens: jax.Array, max_length: int):
+  """Encoder output and an empty cache for [B, max_length] decoder tokens, and the one-step function."""
   encoded, _ = model.apply({"params": params}, encoder_tokens, method=EncoderDecoder.encode)   # [B, Le, D]
   batch = encoder_tokens.shape[0]
   empty = jnp.zeros((batch, max_length), jnp.int32)                                          # sizes the cache
@@ -158,10 +188,10 @@ def _filtered_sample(rng, logits, temperature, top_k, top_p):
 def _sample_loop(params, encoder_tokens, rng, temperature, top_k, top_p, *, model: EncoderDecoder,
                  max_length: int, greedy: bool, return_logits: bool) -> DecodeResult:
   batch, vocab = encoder_tokens.shape[0], model.config.vocab_size
-  cache, step = _start(model, params, encoder_tokens, max_length)
+  cache, step, first = _start(model, params, encoder_tokens, max_length)
   rows = jnp.arange(batch)
   state = dict(
-      i=jnp.zeros((), jnp.int32), cache=cache, last=jnp.zeros((batch,), jnp.int32),
+      i=jnp.zeros((), jnp.int32), cache=cache, last=first,
       tokens=jnp.zeros((batch, max_length), jnp.int32), done=jnp.zeros((batch,), bool),
       scores=jnp.zeros((batch,), jnp.float32),
       logits=jnp.zeros((batch, max_length, vocab), jnp.float32) if return_logits else None)
@@ -202,7 +232,7 @@ def _beam_loop(params, encoder_tokens, alpha, *, model: EncoderDecoder, max_leng
   K = 1 and alpha = 0 this is greedy search.
   """
   batch, k, vocab = encoder_tokens.shape[0], beam_size, model.config.vocab_size
-  cache, step = _start(model, params, jnp.repeat(encoder_tokens, k, axis=0), max_length)  # rows b * K + j
+  cache, step, first = _start(model, params, jnp.repeat(encoder_tokens, k, axis=0), max_length)  # rows b * K + j
   ranks = jnp.arange(2 * k)
   best_possible = lambda live_logp: live_logp[:, 0] / length_penalty(max_length, alpha)   # [B]
   state = dict(
@@ -218,7 +248,7 @@ def _beam_loop(params, encoder_tokens, alpha, *, model: EncoderDecoder, max_leng
 
   def body(s):
     i = s["i"]
-    last = jnp.where(i == 0, 0, s["live"][:, :, jnp.maximum(i - 1, 0)])         # [B, K]
+    last = jnp.where(i == 0, first.reshape(batch, k), s["live"][:, :, jnp.maximum(i - 1, 0)])  # [B, K]
     logits, cache = step(s["cache"], last.reshape(-1))                           # [B*K, V]
     log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, k, vocab)
     candidates = (s["live_logp"][:, :, None] + log_probs).reshape(batch, k * vocab)
@@ -239,7 +269,7 @@ def _beam_loop(params, encoder_tokens, alpha, *, model: EncoderDecoder, max_leng
     live = jnp.take_along_axis(sequences, live_pick[:, :, None], axis=1)
     parent = jnp.take_along_axis(origin, live_pick, axis=1)                      # [B, K]
     rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)                 # [B*K]
-    # Every cache leaf of rank >= 1 is batch-major (EncoderDecoder.decode); the cache_index scalars are shared.
+    # Every cache leaf of rank >= 1 is batch-major (the models' decode); the index scalars are shared.
     cache = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0) if x.ndim else x, cache)
     return dict(i=i + 1, cache=cache, live=live, live_logp=live_logp, finished=finished,
                 finished_scores=finished_scores)
@@ -250,8 +280,9 @@ def _beam_loop(params, encoder_tokens, alpha, *, model: EncoderDecoder, max_leng
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(config: ModelConfig, strategy: str, max_length: int, beam_size: int, return_logits: bool):
-  model = EncoderDecoder(config)
+def _compiled(config: ModelConfig | DecoderOnlyConfig, strategy: str, max_length: int, beam_size: int,
+              return_logits: bool):
+  model = DecoderOnly(config) if isinstance(config, DecoderOnlyConfig) else EncoderDecoder(config)
   if strategy == "beam":
     return jax.jit(functools.partial(_beam_loop, model=model, max_length=max_length, beam_size=beam_size))
   return jax.jit(functools.partial(_sample_loop, model=model, max_length=max_length, greedy=strategy == "greedy",
@@ -260,7 +291,9 @@ def _compiled(config: ModelConfig, strategy: str, max_length: int, beam_size: in
 
 def generate(config: ModelConfig, params, encoder_input_tokens, decode_config: DecodeConfig = DecodeConfig(),
              rng: jax.Array | None = None, return_logits: bool = False) -> DecodeResult:
-  """Decodes every row of encoder_input_tokens [B, Le] (ids, 0 = padding) as decode_config says.
+  """Decodes every row of encoder_input_tokens [B, Le] (ids, 0 = padding) as decode_config says. For a
+  decoder-only model (a DecoderOnlyConfig) they are the prompts [B, Lp], every row Lp real tokens (no padding),
+  and the result is each row's continuation.
 
   `config` is the model's own config (decoding_config derives the routing from it). `params`: the float32
   parameters (cast to config.dtype inside each call) or serving_params(config, params) (cast once, for many
@@ -275,6 +308,9 @@ def generate(config: ModelConfig, params, encoder_input_tokens, decode_config: D
                      f"row, got shape {tokens.shape} and dtype {tokens.dtype}.")
   if tokens.size:
     check_vocab(config, int(tokens.max()), "encoder_input_tokens")
+  if isinstance(config, DecoderOnlyConfig) and (tokens.shape[1] == 0 or (tokens == 0).any()):
+    raise ValueError("a decoder-only model's prompts are [batch, length] arrays of real tokens (no 0 = padding, "
+                     "at least one token a row): decode prompts of different lengths in separate calls.")
   if dc.strategy == "beam" and 2 * dc.beam_size > config.vocab_size:
     raise ValueError(f"DecodeConfig.beam_size={dc.beam_size}: beam search scores 2 * beam_size continuations, "
                      f"more than the vocabulary of {config.vocab_size}; use a smaller beam.")

@@ -82,7 +82,7 @@ def test_bfloat16_decoding_keeps_an_exact_float32_self_cache_on_cpu():
   params, enc = _params(config), _encoder_tokens()
   @jax.jit
   def two_steps(params, enc):
-    cache, step = _start(EncoderDecoder(config), params, enc, LENGTH)
+    cache, step, _ = _start(EncoderDecoder(config), params, enc, LENGTH)
     for token in (5, 9):
       _, cache = step(cache, jnp.full((enc.shape[0],), token, jnp.int32))
     return cache

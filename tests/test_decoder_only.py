@@ -259,3 +259,32 @@ def test_mixtral_directories_import_export_and_round_trip(tmp_path):
   with torch.no_grad():
     again = reloaded(torch.from_numpy(tokens)).logits.numpy()
   np.testing.assert_allclose(again, ours, atol=1e-4, rtol=0)
+
+
+def test_cached_decoding_equals_recomputing_the_whole_prefix():
+  """Greedy decoding through the cache (the prompt read at once, then a token a step) gives the tokens and
+  logits of re-running the whole model on prompt + output so far at every step; beam search with one beam and
+  no length penalty is greedy; sampling runs and stays in the vocabulary. A grouped-query, MoE model."""
+  from switchx.config import DecodeConfig
+  from switchx.decode import generate
+  config = tiny()
+  params = _params(config, seed=1)
+  prompt = np.random.RandomState(5).randint(2, 64, (2, 5)).astype(np.int32)
+  steps = 6
+  result = generate(config, params, prompt, DecodeConfig(strategy="greedy", max_decode_length=steps),
+                    return_logits=True)
+  sequence, expected_logits = prompt.copy(), []
+  for _ in range(steps):
+    logits = np.asarray(_apply(config)(params, jnp.asarray(sequence), None, None))[:, -1]   # [B, V]
+    expected_logits.append(logits)
+    sequence = np.concatenate([sequence, logits.argmax(-1)[:, None].astype(np.int32)], 1)
+  np.testing.assert_array_equal(np.asarray(result.tokens), sequence[:, prompt.shape[1]:])
+  np.testing.assert_allclose(np.asarray(result.logits), np.stack(expected_logits, 1), atol=1e-4)
+  beam = generate(config, params, prompt, DecodeConfig(strategy="beam", beam_size=1, length_penalty=0.0,
+                                                       max_decode_length=steps))
+  np.testing.assert_array_equal(np.asarray(beam.tokens), np.asarray(result.tokens))
+  sampled = generate(config, params, prompt, DecodeConfig(strategy="sample", temperature=1.0,
+                                                          max_decode_length=steps))
+  assert sampled.tokens.shape == (2, steps) and int(np.asarray(sampled.tokens).max()) < config.vocab_size
+  with pytest.raises(ValueError, match="no 0 = padding"):
+    generate(config, params, np.asarray([[3, 0, 4]]), DecodeConfig(strategy="greedy"))

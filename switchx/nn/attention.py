@@ -204,8 +204,14 @@ class GroupedQueryAttention(nn.Module):
   norm_epsilon: float = 1e-6
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
-    """x [B, L, D], positions [B, L], bias [B|1, 1, L, L] (mask: causal, padding, segments) -> [B, L, D]."""
+  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array, deterministic: bool,
+               decode: bool = False) -> jax.Array:
+    """x [B, L, D], positions [B, L], bias [B|1, 1, L, K] (mask: causal, padding, segments) -> [B, L, D].
+
+    decode: keys and values go through the 'cache' collection (apply with mutable=["cache"]): a call that finds
+    no cache creates an empty one sized by x ([B, L_max]) and attends as usual (K = L); later calls write their
+    L new keys / values at cache_index (then advanced by L) and attend over all K = L_max slots, the caller's bias
+    masking the slots not yet written or in the future."""
     batch, length, d_model = x.shape
     heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
     proj = lambda name, n: DenseGeneral((n, head_dim), (EMBED, HEADS, KV), init_scale=self.init_scale,
@@ -214,6 +220,8 @@ class GroupedQueryAttention(nn.Module):
     k = self._norm("key_norm", proj("key", kv_heads)(x))                       # [B, L, Hkv, Dh]
     q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
     v = proj("value", kv_heads)(x)                                             # [B, L, Hkv, Dh]
+    if decode:
+      k, v = self._cache(k, v)                                                 # [B, K, Hkv, Dh]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)        # [B, L, Hkv, G, Dh]
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)  # [B, Hkv, G, Q, K]
     logits = logits * head_dim ** -0.5 + bias[:, :, None]
@@ -224,6 +232,21 @@ class GroupedQueryAttention(nn.Module):
     out = DenseGeneral(d_model, (HEADS, KV, EMBED), num_contract=2, init_scale=self.init_scale,
                        dtype=self.dtype, name="out")(out)                       # [B, L, D]
     return nn.with_logical_constraint(out, (BATCH, LENGTH, EMBED))
+
+  def _cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    filled = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not filled:
+      return k, v
+    start = index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype),
+                                                    (0, start, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype),
+                                                      (0, start, 0, 0))
+    index.value = start + k.shape[1]
+    return cached_key.value, cached_value.value
 
   def _norm(self, name: str, x: jax.Array) -> jax.Array:
     """x [B, L, n, Dh] -> the same, RMS-normalised over Dh ("head") or over n x Dh ("full"), or unchanged."""
