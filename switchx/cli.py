@@ -125,7 +125,7 @@ def _run_training(args: argparse.Namespace, command: str, start) -> int:
 def _train(args: argparse.Namespace) -> int:
   from switchx.train.loop import train
   return _run_training(args, "train", lambda gin, mesh: train(
-      gin.encoder_decoder_config(args.command), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
+      gin.model_config(), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
       operative_config=gin.operative_config()))
 
 

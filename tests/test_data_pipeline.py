@@ -7,7 +7,7 @@ import pytest
 from pydoc_data.topics import topics
 
 from switchx.data.packing import BATCH_KEYS
-from switchx.data.pipeline import Pipeline, split_documents
+from switchx.data.pipeline import CausalPipeline, Pipeline, split_documents
 from switchx.data.span_corruption import inverse
 from switchx.data.tokenizer import train_tokenizer
 
@@ -166,3 +166,24 @@ def test_split_documents():
     split_documents(documents, 1.0, seed=0)
   with pytest.raises(ValueError, match="keep some"):
     split_documents(["only one"], 0.5, seed=0)
+
+
+def test_causal_pipeline_rows_are_next_token_pairs_of_the_stream_and_resume_exactly(tokenizer):
+  """Decoder-only batches: each row is a contiguous chunk of the token stream, the targets the inputs shifted by
+  one; a pipeline restored from get_state continues with the same batches."""
+  pipeline = CausalPipeline(DOCUMENTS, tokenizer, batch_size=4, seed=0, **LENGTHS)
+  first = next(pipeline)
+  length = LENGTHS["inputs_length"] + LENGTHS["targets_length"]
+  assert set(first) == {"decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"}
+  assert first["decoder_input_tokens"].shape == (4, length) and first["decoder_loss_weights"].min() == 1.0
+  np.testing.assert_array_equal(first["decoder_input_tokens"][:, 1:], first["decoder_target_tokens"][:, :-1])
+  stream = np.concatenate([np.asarray(ids) for ids in tokenizer.encode_batch(DOCUMENTS)])
+  row = np.concatenate([first["decoder_input_tokens"][0], first["decoder_target_tokens"][0, -1:]])
+  starts = [i for i in range(0, len(stream) - length, length + 1) if np.array_equal(stream[i:i + length + 1], row)]
+  assert len(starts) == 1                                        # a chunk of the stream, at a chunk boundary
+  state = pipeline.get_state()
+  assert state["objective"] == "causal_lm"
+  second = next(pipeline)
+  again = CausalPipeline(DOCUMENTS, tokenizer, batch_size=4, seed=0, **LENGTHS)
+  again.set_state(state)
+  assert_same_batches([next(again)], [second])

@@ -39,11 +39,8 @@ class Pipeline:
       raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ValueError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}.")
-    self.raw_length = raw_length_for(inputs_length, targets_length, noise_density, mean_noise_span_length)
-    max_spans = noise_counts(self.raw_length, noise_density, mean_noise_span_length)[1]
-    if max_spans > tokenizer.extra_ids:
-      raise ValueError(f"examples of {self.raw_length} raw tokens need up to {max_spans} sentinels, but the "
-                       f"tokenizer has extra_ids={tokenizer.extra_ids}. Use shorter lengths or more extra_ids.")
+    self.raw_length = self._raw_length(inputs_length, targets_length, noise_density, mean_noise_span_length)
+    self._check_sentinels(tokenizer, noise_density, mean_noise_span_length)
     if isinstance(documents, str):
       raise TypeError("documents must be a collection of strings, not one string.")
     documents = documents if isinstance(documents, Sequence) else list(documents)
@@ -67,6 +64,15 @@ class Pipeline:
     self.examples_per_epoch = len(range(process_index, self.num_examples, process_count))
     self._epoch, self._position = 0, 0
     self._order_epoch, self._order = None, None  # cache of the current epoch's permutation
+
+  def _raw_length(self, inputs_length, targets_length, noise_density, mean_noise_span_length) -> int:
+    return raw_length_for(inputs_length, targets_length, noise_density, mean_noise_span_length)
+
+  def _check_sentinels(self, tokenizer, noise_density, mean_noise_span_length) -> None:
+    max_spans = noise_counts(self.raw_length, noise_density, mean_noise_span_length)[1]
+    if max_spans > tokenizer.extra_ids:
+      raise ValueError(f"examples of {self.raw_length} raw tokens need up to {max_spans} sentinels, but the "
+                       f"tokenizer has extra_ids={tokenizer.extra_ids}. Use shorter lengths or more extra_ids.")
 
   def __iter__(self):
     return self
@@ -118,6 +124,46 @@ class Pipeline:
             "batch_size": self.batch_size, "inputs_length": self.inputs_length,
             "targets_length": self.targets_length, "pack": self.pack, "noise_density": self.noise_density,
             "mean_noise_span_length": self.mean_noise_span_length}
+
+
+class CausalPipeline(Pipeline):
+  """Batches for a decoder-only (causal) language model: the same token stream, cut into chunks of L + 1 tokens
+  (L = inputs_length + targets_length, the encoder-decoder's tokens per row), visited in the same deterministic,
+  checkpointable order; row = chunk[:-1] as decoder_input_tokens, chunk[1:] as decoder_target_tokens, no
+  corruption, no packing (the stream is contiguous). A short last chunk is padded with 0 and weighted 0."""
+
+  def __init__(self, documents: Iterable[str], tokenizer, *, batch_size: int, inputs_length: int,
+               targets_length: int, seed: int, process_index: int = 0, process_count: int = 1, **unused):
+    self.raw_length_override = inputs_length + targets_length + 1
+    super().__init__(documents, tokenizer, batch_size=batch_size, inputs_length=inputs_length,
+                     targets_length=targets_length, seed=seed, pack=False, process_index=process_index,
+                     process_count=process_count)
+
+  def _raw_length(self, inputs_length, targets_length, noise_density, mean_noise_span_length):
+    return self.raw_length_override
+
+  def _check_sentinels(self, tokenizer, noise_density, mean_noise_span_length) -> None:
+    pass                                                           # nothing is corrupted
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    length = self.raw_length - 1
+    rows = np.zeros((self.batch_size, length + 1), np.int32)                    # [B, L + 1]
+    for row in range(self.batch_size):
+      chunk = self.chunk(self._epoch, self._position)
+      rows[row, :len(chunk)] = chunk
+      self._position += 1
+      if self._position == self.examples_per_epoch:
+        self._epoch, self._position = self._epoch + 1, 0
+    targets = rows[:, 1:]
+    return {"decoder_input_tokens": rows[:, :-1], "decoder_target_tokens": targets,
+            "decoder_loss_weights": (targets > 0).astype(np.float32)}
+
+  def chunk(self, epoch: int, position: int) -> np.ndarray:
+    index = int(self._epoch_order(epoch)[self.process_index + position * self.process_count])
+    return self._tokens[index * self.raw_length:(index + 1) * self.raw_length]    # [<= L + 1]
+
+  def _fingerprint(self) -> dict:
+    return {**super()._fingerprint(), "objective": "causal_lm"}
 
 
 def _tokenize_and_concatenate(documents: Sequence[str], tokenizer) -> np.ndarray:

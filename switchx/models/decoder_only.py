@@ -9,7 +9,8 @@ Legend: B batch, L length, D d_model, V vocabulary.
 
 Token id 0 is padding (never attended to, never routed), as everywhere in switchx. With packed rows, `segment_ids`
 [B, L] (0: padding) keep sequences apart and `positions` [B, L] restart at 0 for each; without them every nonzero
-token is real and positions count from 0. Returns (logits, moe_aux {"layers_i": that layer's losses/metrics}).
+token is real and positions count from 0. Returns (logits, moe_aux {"decoder/layers_i": that layer's
+losses/metrics}, named as the encoder-decoder's decoder layers, so the trainer's metrics read them alike).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class DecoderOnly(nn.Module):
     for i, layer in enumerate(self.layers):
       x, aux = layer(x, positions, bias, real, train, decode)
       if aux is not None:
-        moe_aux[f"layers_{i}"] = aux
+        moe_aux[f"decoder/layers_{i}"] = aux
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = self.token_embedder.attend(x)                                                 # [B, L, V] float32

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from switchx.config import DataConfig, ModelConfig, TrainConfig, check_vocab
-from switchx.data import Pipeline
+from switchx.config import DataConfig, DecoderOnlyConfig, ModelConfig, TrainConfig, check_vocab
+from switchx.data import CausalPipeline, Pipeline
 from switchx.data.sources import load_documents, load_tokenizer
 from switchx.parallel.mesh import MeshConfig, make_mesh, maybe_initialize_distributed
 from switchx.parallel.partitioning import Partitioner
@@ -44,11 +44,13 @@ def config_record(**configs) -> dict:
   return {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
 
 
-def load_data(data: DataConfig, train: TrainConfig, process_index: int = 0, process_count: int = 1):
-  """-> (tokenizer, endless train Pipeline for this process, fixed list of held-out batches)."""
+def load_data(data: DataConfig, train: TrainConfig, process_index: int = 0, process_count: int = 1,
+              causal: bool = False):
+  """-> (tokenizer, endless train Pipeline for this process, fixed list of held-out batches). causal: batches
+  for a decoder-only model (CausalPipeline) instead of span corruption."""
   train_docs, eval_docs = load_documents(data)   # the split (and tokenizer) fixed by data.split_seed
   tokenizer = load_tokenizer(data, train_docs)
-  pipeline = lambda docs, seed: Pipeline(
+  pipeline = lambda docs, seed: (CausalPipeline if causal else Pipeline)(
       docs, tokenizer, batch_size=train.batch_size // process_count, inputs_length=train.inputs_length,
       targets_length=train.targets_length, seed=seed, pack=data.pack, process_index=process_index,
       process_count=process_count, noise_density=data.noise_density,
@@ -239,7 +241,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
   partitioner.check_batch(train_config.batch_size)
 
   # --- 3. Data (each process reads its own share) ---------------------------------------------------------
-  tokenizer, train_data, eval_batches = load_data(data_config, train_config, process_index, process_count)
+  tokenizer, train_data, eval_batches = load_data(data_config, train_config, process_index, process_count,
+                                                  causal=isinstance(model_config, DecoderOnlyConfig))
   check_vocab(model_config, tokenizer.vocab_size - 1, f"the tokenizer's ids (vocabulary {tokenizer.vocab_size})")
 
   # --- 4. Model, optimizer, shardings (validated), compiled steps ------------------------------------------

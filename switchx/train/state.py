@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from switchx.config import ModelConfig, TrainConfig
+from switchx.config import DecoderOnlyConfig, ModelConfig, TrainConfig
+from switchx.models.decoder_only import DecoderOnly
 from switchx.models.encoder_decoder import EncoderDecoder
 from switchx.parallel.partitioning import Partitioner
 from switchx.train import optim, step as step_lib
@@ -34,7 +35,7 @@ class Run:
   config: ModelConfig                 # with MoeConfig.num_group_partitions set from the mesh
   train_config: TrainConfig
   partitioner: Partitioner
-  model: EncoderDecoder
+  model: EncoderDecoder | DecoderOnly
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   state_specs: Any                    # TrainState of PartitionSpecs
@@ -143,14 +144,14 @@ def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partition
     raise ValueError(f"MoeConfig.dispatch='dropless' gathers each block's expert weights, which the mesh splits "
                      f"over 'expert' ({expert_ways} ways): every step would all-gather them. Use dispatch='einsum' or "
                      "'index' with expert parallelism, or a mesh with expert=1.")
-  model = EncoderDecoder(config)
+  model = DecoderOnly(config) if isinstance(config, DecoderOnlyConfig) else EncoderDecoder(config)
   optimizer, schedule = optimizer or optim.make_optimizer(train_config)
   # Shapes only: a batch-1 example would violate the batch split, so trace with the real batch shape.
   batch_shapes = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in example_batch.items()}
   dummy_batch = lambda: {k: jnp.ones(s.shape, s.dtype) for k, s in batch_shapes.items()}
   init_fn = lambda rng: step_lib.init_train_state(model, optimizer, rng, dummy_batch())
   with partitioner.context():
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **step_lib.model_inputs(dummy_batch())))
+    boxed = jax.eval_shape(lambda: step_lib.init_variables(model, jax.random.PRNGKey(0), dummy_batch()))
     boxed_params = boxed["params"]
     abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   state_specs = partitioner.state_specs(abstract_state, boxed_params)   # raises on anything that won't split

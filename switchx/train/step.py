@@ -17,6 +17,7 @@ import optax
 from flax import traverse_util
 
 from switchx.losses import total_loss
+from switchx.models.decoder_only import DecoderOnly
 from switchx.models.encoder_decoder import EncoderDecoder
 from switchx.moe import routing
 from switchx.quantize import dequantize
@@ -36,15 +37,35 @@ class TrainState:
   opt_state: Any
 
 
-def init_train_state(model: EncoderDecoder, optimizer: optax.GradientTransformation, rng: jax.Array,
+def init_train_state(model: EncoderDecoder | DecoderOnly, optimizer: optax.GradientTransformation, rng: jax.Array,
                      batch: dict) -> TrainState:
   """Fresh parameters (unboxed: plain arrays) and optimizer state. The loop jits this with out_shardings
   computed from the parameters' logical axes, so each device creates only its own shard."""
   return start_train_state(optimizer, init_params(model, rng, batch))
 
 
-def init_params(model: EncoderDecoder, rng: jax.Array, batch: dict):
-  return nn.unbox(model.init(rng, **model_inputs(batch))["params"])
+def init_params(model: EncoderDecoder | DecoderOnly, rng: jax.Array, batch: dict):
+  return nn.unbox(init_variables(model, rng, batch)["params"])
+
+
+def init_variables(model: EncoderDecoder | DecoderOnly, rng: jax.Array, batch: dict):
+  """model.init on a batch's model inputs (boxed: logical axis names kept)."""
+  if isinstance(model, DecoderOnly):
+    return model.init(rng, **causal_inputs(batch))
+  return model.init(rng, **model_inputs(batch))
+
+
+def apply_model(model: EncoderDecoder | DecoderOnly, variables: dict, batch: dict, **kwargs):
+  """model.apply on a batch: an encoder-decoder reads its MODEL_INPUTS, a decoder-only model the decoder's
+  tokens, segment ids and positions (the causal-LM batches of data.CausalPipeline)."""
+  if isinstance(model, DecoderOnly):
+    return model.apply(variables, **causal_inputs(batch), **kwargs)
+  return model.apply(variables, **model_inputs(batch), **kwargs)
+
+
+def causal_inputs(batch: dict) -> dict:
+  return {"tokens": batch["decoder_input_tokens"], "segment_ids": batch.get("decoder_segment_ids"),
+          "positions": batch.get("decoder_positions")}
 
 
 def start_train_state(optimizer: optax.GradientTransformation, params) -> TrainState:
@@ -61,21 +82,22 @@ def target_weights(batch: dict) -> jax.Array:
   return (batch["decoder_target_tokens"] > 0).astype(jnp.float32) if weights is None else weights
 
 
-def loss_and_metrics(params, batch: dict, rng: jax.Array | None, *, model: EncoderDecoder, z_loss_coef: float,
-                     train: bool, num_tokens=None, moe_weight: float = 1.0, distill: tuple[float, float] = (0.0, 1.0)):
+def loss_and_metrics(params, batch: dict, rng: jax.Array | None, *, model: EncoderDecoder | DecoderOnly,
+                     z_loss_coef: float, train: bool, num_tokens=None, moe_weight: float = 1.0,
+                     distill: tuple[float, float] = (0.0, 1.0)):
   """(loss, metrics) of one batch; distill = (soft weight, temperature), see losses.total_loss."""
   rngs = None
   if train:
     rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(RNG_STREAMS)}
-  (logits, moe_aux), state = model.apply({"params": dequantize(params)}, **model_inputs(batch), train=train,
-                                          rngs=rngs, mutable=["balance"])
+  (logits, moe_aux), state = apply_model(model, {"params": dequantize(params)}, batch, train=train, rngs=rngs,
+                                         mutable=["balance"])
   loss, metrics = total_loss(model.config, logits, moe_aux, batch, z_loss_coef, num_tokens, moe_weight, *distill)
   if state.get("balance"):          # bias balancing: each layer's choices per expert, for train_step
     metrics[EXPERT_LOAD] = state["balance"]
   return loss, metrics
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: EncoderDecoder,
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: EncoderDecoder | DecoderOnly,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, z_loss_coef: float = 1e-4,
                accumulation_steps: int = 1, distill: tuple[float, float] = (0.0, 1.0)) -> tuple[TrainState, dict]:
   """One optimizer update. With accumulation_steps = k the batch is split into k micro-batches whose
@@ -129,6 +151,6 @@ def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
 
 
-def eval_step(params, batch: dict, *, model: EncoderDecoder, z_loss_coef: float = 0.0) -> dict:
+def eval_step(params, batch: dict, *, model: EncoderDecoder | DecoderOnly, z_loss_coef: float = 0.0) -> dict:
   """Eval-mode metrics (no dropout, eval capacity factor) for one batch."""
   return loss_and_metrics(params, batch, None, model=model, z_loss_coef=z_loss_coef, train=False)[1]
