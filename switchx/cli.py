@@ -309,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
   params.add_argument("--json", action="store_true",
                       help="print one JSON object: total_params, expert_params, active_params, flops_per_token")
   params.add_argument("--all", action="store_true", help="a Markdown table of every model preset")
-  params.add_argument("--quantized", type=int, choices=(8, 4), default=0,
-                      help="also the bytes with expert weights quantized to 8 or 4 bits (switchx quantize)")
+  params.add_argument("--quantized", type=int, choices=(8, 4, 2), default=0,
+                      help="also the bytes with expert weights quantized to 8, 4 or 2 (ternary) bits")
   params.set_defaults(run=_params)
 
   train = sub.add_parser("train", help="train (or resume) a model: span-corruption pre-training")
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
   quant = sub.add_parser("quantize", help="quantize a saved model's expert weights (round to nearest, per output "
                                           "channel) to int8 or int4; decode and eval run from the result")
   quant.add_argument("--model", required=True, help="a switchx.save directory (or a transformers one)")
-  quant.add_argument("--bits", type=int, choices=(8, 4), default=8)
+  quant.add_argument("--bits", type=int, choices=(8, 4, 2), default=8, help="8, 4 or 2 (ternary: codes -1, 0, 1)")
   quant.add_argument("--out", required=True, help="where the quantized model goes (a switchx.save directory)")
   quant.set_defaults(run=_quantize)
 

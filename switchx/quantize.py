@@ -1,4 +1,5 @@
-"""Expert weights quantized for serving: symmetric round-to-nearest per output channel, int8 or int4.
+"""Expert weights quantized for serving: symmetric round-to-nearest per output channel, int8, int4 or ternary
+(the data-aware GPTQ method: switchx/gptq.py, into the same format).
 
     qparams = quantize_experts(params, bits=4)    # each expert matrix [E, D_in, D_out] -> Quantized (codes, scales)
     switchx.save(config, qparams, "q4/")          # codes (int4: two per byte) and float16 scales in safetensors
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BITS = (8, 4)
+BITS = (8, 4, 2)   # 2: ternary codes {-1, 0, 1} (qmax 1), four a byte
 EXPERT_WEIGHTS = ("wi", "wi_0", "wi_1", "wo")   # the stacked expert matrices, [E, D_in, D_out]
 SCALE_DTYPE = np.float16
 
@@ -31,7 +32,7 @@ SCALE_DTYPE = np.float16
 class Quantized:
   """One stacked expert matrix [E, D_in, D_out], quantized."""
 
-  codes: jax.Array     # int8 [E, D_in, D_out] (bits 8), or uint8 [E, D_in, ceil(D_out / 2)] (bits 4: two codes a byte)
+  codes: jax.Array     # int8 [E, D_in, D_out] (bits 8), or uint8 [E, D_in, ceil(D_out * bits / 8)] (4, 2: packed)
   scale: jax.Array     # float16 [E, 1, D_out]
   bits: int = flax.struct.field(pytree_node=False, default=8)
   shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())   # the float matrix's shape
@@ -41,7 +42,7 @@ class Quantized:
     return np.dtype(np.float32)   # what it dequantizes to (the loaders' checks read this)
 
   def dequantize(self) -> jax.Array:
-    codes = self.codes if self.bits == 8 else unpack_int4(self.codes, self.shape[-1])
+    codes = unpack_codes(self.codes, self.bits, self.shape[-1])
     return codes.astype(jnp.float32) * self.scale.astype(jnp.float32)
 
 
@@ -57,24 +58,42 @@ def quantize(w, bits: int) -> Quantized:
   scale = (np.abs(w).max(axis=-2, keepdims=True) / qmax(bits)).astype(SCALE_DTYPE)       # [E, 1, D_out]
   safe = np.where(scale > 0, scale.astype(np.float32), 1.0)                              # an all-zero column: code 0
   codes = np.clip(np.rint(w / safe), -qmax(bits), qmax(bits)).astype(np.int8)            # [E, D_in, D_out]
-  return Quantized(codes if bits == 8 else pack_int4(codes), scale, bits, w.shape)
+  return Quantized(pack_codes(codes, bits), scale, bits, w.shape)
+
+
+def pack_codes(codes, bits: int) -> np.ndarray:
+  """int8 codes [..., n] -> bits 8: themselves; bits 4 / 2: uint8 [..., ceil(n * bits / 8)], code j of a byte in
+  bits j*b .. j*b + b - 1 (two's complement in b bits)."""
+  codes = np.asarray(codes, np.int8)
+  if bits == 8:
+    return codes
+  per_byte = 8 // bits
+  pad = -codes.shape[-1] % per_byte
+  if pad:
+    codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (pad,), np.int8)], -1)
+  fields = (codes.astype(np.int16) & (2 ** bits - 1)).astype(np.uint8)
+  packed = np.zeros(codes.shape[:-1] + (codes.shape[-1] // per_byte,), np.uint8)
+  for j in range(per_byte):
+    packed |= fields[..., j::per_byte] << (j * bits)
+  return packed
+
+
+def unpack_codes(packed: jax.Array, bits: int, n: int) -> jax.Array:
+  """pack_codes' inverse (traceable: runs inside the jitted step) -> int8 [..., n]."""
+  if bits == 8:
+    return packed
+  per_byte, mask = 8 // bits, 2 ** bits - 1
+  fields = jnp.stack([(packed >> (j * bits)) & mask for j in range(per_byte)], axis=-1).astype(jnp.int8)
+  fields = fields.reshape(packed.shape[:-1] + (per_byte * packed.shape[-1],))[..., :n]
+  return jnp.where(fields > mask // 2, fields - (mask + 1), fields).astype(jnp.int8)   # the field's sign
 
 
 def pack_int4(codes) -> np.ndarray:
-  """int8 codes in [-8, 7], [..., n] -> uint8 [..., ceil(n / 2)]: element 2j in the low nibble, 2j+1 in the high."""
-  codes = np.asarray(codes, np.int8)
-  if codes.shape[-1] % 2:
-    codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.int8)], -1)
-  nibbles = (codes.astype(np.int16) & 0xF).astype(np.uint8)
-  return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+  return pack_codes(codes, 4)
 
 
 def unpack_int4(packed: jax.Array, n: int) -> jax.Array:
-  """pack_int4's inverse (traceable: runs inside the jitted step): uint8 [..., m] -> int8 [..., n], n <= 2m."""
-  low = (packed & 0xF).astype(jnp.int8)
-  high = (packed >> 4).astype(jnp.int8)
-  both = jnp.stack([low, high], axis=-1).reshape(packed.shape[:-1] + (2 * packed.shape[-1],))[..., :n]
-  return jnp.where(both > 7, both - 16, both).astype(jnp.int8)                 # the nibble's sign
+  return unpack_codes(packed, 4, n)
 
 
 def is_expert_weight(path: tuple[str, ...]) -> bool:
@@ -148,7 +167,7 @@ def ledger(shapes: dict[str, tuple[int, ...]], bits: int | None) -> dict:
   if bits is None:
     code_bytes, scale_count = 4 * expert_params, 0
   else:
-    per_row = (lambda n: n) if bits == 8 else (lambda n: -(-n // 2))
+    per_row = lambda n: -(-n * bits // 8)
     code_bytes = sum(math.prod(s[:-1]) * per_row(s[-1]) for s in expert.values())
     scale_count = sum(s[0] * s[-1] for s in expert.values())
   scale_bytes = scale_count * np.dtype(SCALE_DTYPE).itemsize

@@ -119,3 +119,52 @@ def test_command_line_quantizes_and_prints_the_ledger(tmp_path, capsys):
   assert cli.main(["params", "--gin_file", "models/switch_base_8", "--quantized", "8"]) == 0
   out = capsys.readouterr().out
   assert "quantized to int8" in out and "expert scales" in out
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_gptq_lowers_the_output_error_on_its_calibration_inputs(bits):
+  """On correlated inputs (X = Z A), GPTQ's error feedback gives a smaller ||X W - X W_q||^2 than rounding each
+  weight to nearest with the same clip-searched scales (measured: 0.53x at int4, 0.72x ternary), and than plain
+  max-scaled rounding (0.53x, 0.33x)."""
+  from switchx.gptq import choose_scales, gptq_matrix
+  rng = np.random.RandomState(bits)
+  x = rng.normal(size=(512, 32)) @ rng.normal(size=(32, 32))                     # [N, D_in]
+  w = rng.normal(size=(32, 24)).astype(np.float32)                               # [D_in, D_out]
+  out_error = lambda w_q: float(np.square(x @ w - x @ w_q).sum())
+  codes, scale = gptq_matrix(w, x, bits)
+  gptq = out_error(codes * scale.astype(np.float32))
+  s = choose_scales(w, bits).astype(np.float32)
+  qm = 2 ** (bits - 1) - 1
+  rtn_clipped = out_error(np.clip(np.rint(w / s), -qm, qm) * s)
+  rtn = out_error(np.asarray(quantize(w[None], bits).dequantize())[0])
+  assert np.abs(codes).max() <= qm
+  assert gptq < 0.8 * rtn_clipped and gptq < 0.6 * rtn, (gptq, rtn_clipped, rtn)
+
+
+def test_gptq_ternary_experts_keep_the_model_closer_than_rounding(tmp_path):
+  """A tiny Switch model quantized to ternary experts (2-bit codes) with GPTQ on calibration batches stays closer
+  to the float model's logits on other batches than round-to-nearest ternary; it saves, loads and serves like
+  any quantized model, and the ledger matches its file."""
+  from switchx.gptq import expert_inputs, quantize_experts_gptq
+  config = _switch_config()
+  params = init_params(config)
+  batches = []
+  for seed in range(4):
+    enc, dec = _tokens(config, seed)
+    batches.append({"encoder_input_tokens": enc, "decoder_input_tokens": dec,
+                    "decoder_target_tokens": np.roll(dec, -1, axis=1)})
+  calibration = expert_inputs(config, params, batches[:3])
+  assert len(calibration) == 2 and all(x.shape[0] == 8 for x in calibration.values())
+  gptq = quantize_experts_gptq(config, params, calibration, bits=2)
+  rtn = quantize_experts(params, 2)
+  enc, dec = batches[3]["encoder_input_tokens"], batches[3]["decoder_input_tokens"]
+  full = np.asarray(api.logits(config, params, enc, dec))
+  error = lambda q: float(np.abs(np.asarray(api.logits(config, q, enc, dec)) - full).mean())
+  assert error(gptq) < error(rtn), (error(gptq), error(rtn))
+  api.save(config, gptq, str(tmp_path))
+  _, loaded = api.load(str(tmp_path))
+  np.testing.assert_allclose(np.asarray(api.logits(config, loaded, enc, dec)),
+                             np.asarray(api.logits(config, gptq, enc, dec)), atol=1e-6)
+  book = ledger(model_stats.param_shapes(config), 2)
+  size = os.path.getsize(tmp_path / api.PARAMS_FILE)
+  assert abs(size - book["total_bytes"]) / size < 0.03, (size, book["total_bytes"])   # a small model: the header
