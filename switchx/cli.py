@@ -67,6 +67,21 @@ def ledger_text(model, bits: int) -> str:
       f"experts {book['expert_bits_per_param']:.2f}; float32: {book['total_params'] * 4 / 2**20:.2f} MiB)"])
 
 
+def _merge(args: argparse.Namespace) -> int:
+  import json
+  from switchx.interop.native import load, save
+  from switchx.merge import merge_experts, similar_experts
+  config, params = load(args.model)
+  if not getattr(config, "is_sparse", False):
+    raise ValueError(f"{args.model} is a dense model: there are no experts to merge.")
+  groups = similar_experts(params, config, args.experts)
+  usage = json.loads(args.usage) if args.usage else None
+  merged_config, merged = merge_experts(config, params, groups, usage)
+  save(merged_config, merged, args.out)
+  print(f"merged {config.moe.num_experts} experts into {args.experts}: groups {groups}; wrote {args.out}")
+  return 0
+
+
 def _quantize(args: argparse.Namespace) -> int:
   from switchx import quantize
   from switchx.interop.native import PARAMS_FILE, load, save
@@ -361,6 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
   quant.add_argument("--bits", type=int, choices=(8, 4, 2), default=8, help="8, 4 or 2 (ternary: codes -1, 0, 1)")
   quant.add_argument("--out", required=True, help="where the quantized model goes (a switchx.save directory)")
   quant.set_defaults(run=_quantize)
+
+  merge = sub.add_parser("merge", help="merge a saved model's experts into fewer (grouped by weight similarity, "
+                                       "usage-weighted averages; the router keeps its columns)")
+  merge.add_argument("--model", required=True, help="a switchx.save directory")
+  merge.add_argument("--experts", type=int, required=True, help="experts after merging")
+  merge.add_argument("--usage", default="", help="JSON list: each expert's share of tokens (default: uniform), "
+                                                 "e.g. from `switchx eval`'s expert usage")
+  merge.add_argument("--out", required=True, help="where the merged model goes")
+  merge.set_defaults(run=_merge)
 
   evaluate = sub.add_parser("eval", help="held-out metrics of a run's newest checkpoint (eval capacity factor): "
                                          "neg. log perplexity, token accuracy, router metrics -> eval.json")

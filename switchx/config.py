@@ -88,6 +88,8 @@ class MoeConfig:
   shared_expert_d_ff: int = 0            # > 0: a dense FFN of this size every token also passes through, beside
                                          # the routed experts (Qwen-MoE's shared expert); 0: none
   shared_expert_gate: bool = True        # scale the shared expert's output by sigmoid(x . w_gate), as Qwen-MoE
+  expert_map: tuple[int, ...] | None = None  # merged experts (switchx/merge.py): the router keeps len(expert_map)
+                                         # columns and column i's tokens go to expert expert_map[i]; None: identity
   routed_scaling_factor: float = 1.0     # multiplies every routed expert's gate (DeepSeek's routed_scaling_factor);
                                          # E undoes top-1's ~1/E gate at uniform routing
   load_balance_loss_coef: float = 0.01
@@ -123,7 +125,7 @@ class MoeConfig:
       _fail(own, "router", self.router, f"unknown router; choose one of {ROUTERS}.")
     if self.top_k < 1:
       _fail(own, "top_k", self.top_k, "each token needs at least one expert.")
-    if self.router == "tokens_choose" and self.num_experts < self.top_k:
+    if self.router == "tokens_choose" and (len(self.expert_map) if self.expert_map else self.num_experts) < self.top_k:
       _fail(own, "num_experts", self.num_experts,
             f"fewer experts than top_k={self.top_k}; raise num_experts or lower top_k.")
     if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
@@ -157,6 +159,15 @@ class MoeConfig:
       _fail(own, "expert_d_ff", self.expert_d_ff, "must be >= 1 or None.")
     if self.num_group_partitions < 1:
       _fail(own, "num_group_partitions", self.num_group_partitions, "must be >= 1.")
+    if self.expert_map is not None:
+      if isinstance(self.expert_map, list):
+        object.__setattr__(self, "expert_map", tuple(self.expert_map))
+      if sorted(set(self.expert_map)) != list(range(self.num_experts)):
+        _fail(own, "expert_map", self.expert_map, f"must send router columns to every one of the {self.num_experts} "
+              "experts and to nothing else (values 0 .. num_experts - 1, each at least once).")
+      if self.router != "tokens_choose" or self.semantics != "switch" or self.bias_balance_rate > 0:
+        _fail(own, "expert_map", self.expert_map, "merged experts are served by tokens_choose routing under "
+              "semantics='switch' without bias balancing.")
     if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
       _fail(own, "routed_scaling_factor", self.routed_scaling_factor, "must be a finite number > 0 (1: Switch).")
     if not (math.isfinite(self.bias_balance_rate) and self.bias_balance_rate >= 0):
@@ -170,20 +181,35 @@ class MoeConfig:
     if self.shared_expert_d_ff < 0:
       _fail(own, "shared_expert_d_ff", self.shared_expert_d_ff, "must be >= 0 (0: no shared expert).")
 
+  @property
+  def num_router_experts(self) -> int:
+    """The router's columns: num_experts, or more when merged experts share them (expert_map)."""
+    return self.num_experts if self.expert_map is None else len(self.expert_map)
+
   def capacity(self, group_size: int, train: bool) -> int:
     """Expert capacity C for a group of `group_size` tokens.
 
-    C = max(ceil(capacity_factor * k * S / E), min_capacity), capped at S (no expert can receive more than
-    the S tokens of its group). A capacity factor <= 0 means no token is ever dropped: C = S.
+    C = max(ceil(capacity_factor * k * S / E), min_capacity), capped at max_slots_per_expert(S) (the most an
+    expert can be sent: S tokens, each once, or more often where merged experts share router columns). A
+    capacity factor <= 0 means no token is ever dropped: C = that cap.
     """
     k = self.top_k if self.router == "tokens_choose" else 1
+    cap = self.max_slots_per_expert(group_size)
     if self.expert_capacity is not None:
-      return min(self.expert_capacity, group_size)
+      return min(self.expert_capacity, cap)
     factor = self.train_capacity_factor if train else self.eval_capacity_factor
     if factor <= 0:
-      return group_size
+      return cap
     c = max(math.ceil(factor * k * group_size / self.num_experts), self.min_capacity)
-    return max(1, min(c, group_size))
+    return max(1, min(c, cap))
+
+  def max_slots_per_expert(self, group_size: int) -> int:
+    """S, or S x min(k, the most router columns mapped to one expert) with merged experts (expert_map): a token
+    whose top-k choices are columns of the same merged expert is sent to it once per choice."""
+    if self.expert_map is None:
+      return group_size
+    shared = max(self.expert_map.count(e) for e in set(self.expert_map))
+    return group_size * min(self.top_k, shared)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +276,7 @@ class ModelConfig:
       _fail("MoeConfig", "batch_prioritized", True,
             "batch-prioritized routing orders tokens by router confidence across the sequence, which breaks "
             "the decoder's causality; disable it or keep the decoder dense (decoder_sparse='none').")
-    if (enc or dec) and self.moe.router == "tokens_choose" and self.moe.num_experts < self.moe.top_k:
+    if (enc or dec) and self.moe.router == "tokens_choose" and self.moe.num_router_experts < self.moe.top_k:
       _fail("MoeConfig", "num_experts", self.moe.num_experts, f"fewer experts than top_k={self.moe.top_k}.")
 
   # Derived sizes -------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def flops_per_token(config: ModelConfig, inputs_length: int = 512, targets_lengt
   ffn_matrices = 3 if config.activation.startswith("gated-") else 2
   dense_ffn = 2 * ffn_matrices * d * f
   shared = config.moe.shared_expert_d_ff
-  sparse_ffn = (2 * d * config.moe.num_experts
+  sparse_ffn = (2 * d * config.moe.num_router_experts
                 + experts_per_token(config) * 2 * ffn_matrices * d * config.expert_d_ff
                 + (2 * ffn_matrices * d * shared + 2 * d * config.moe.shared_expert_gate if shared else 0))
   enc_sparse, dec_sparse = set(config.encoder_sparse_layers), set(config.decoder_sparse_layers)
@@ -86,7 +86,7 @@ def _ffn_flops(config) -> tuple[float, float]:
   d, f = config.d_model, config.d_ff
   ffn_matrices = 3 if config.activation.startswith("gated-") else 2
   shared = config.moe.shared_expert_d_ff
-  sparse = (2 * d * config.moe.num_experts
+  sparse = (2 * d * config.moe.num_router_experts
             + experts_per_token(config) * 2 * ffn_matrices * d * config.expert_d_ff
             + (2 * ffn_matrices * d * shared + 2 * d * config.moe.shared_expert_gate if shared else 0))
   return 2 * ffn_matrices * d * f, sparse

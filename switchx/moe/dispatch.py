@@ -49,7 +49,7 @@ def capacity_and_block(moe: MoeConfig, num_groups: int, group_size: int, train: 
   if moe.dispatch != "dropless":
     return moe.capacity(group_size, train=train), 0
   tokens_per_shard = num_groups * group_size // moe.num_group_partitions
-  return group_size, dropless_block_size(tokens_per_shard, moe.top_k, moe.num_experts)
+  return moe.max_slots_per_expert(group_size), dropless_block_size(tokens_per_shard, moe.top_k, moe.num_experts)
 
 
 def make_dispatcher(moe: MoeConfig, decision, *, group_size: int, capacity: int, block: int, dtype) -> Dispatcher:

@@ -101,8 +101,11 @@ class MoeLayer(nn.Module):
     if moe.shared_expert_d_ff:                                                 # beside the routed experts
       y = y + self.shared(x, train)
 
-    aux = router_stats(routing.logits, routing.probs, mask, routing.decision, moe.num_experts,
-                       moe.balance_loss_scope, length)
+    probs = routing.probs                                                      # [G, S, E]
+    if moe.expert_map is not None:  # merged experts: a merged expert's probability is its columns' sum
+      probs = probs @ jax.nn.one_hot(jnp.asarray(moe.expert_map), moe.num_experts, dtype=probs.dtype)
+    aux = router_stats(routing.logits, probs, mask, routing.decision, moe.num_experts, moe.balance_loss_scope,
+                       length)
     if routing.selection_bias is not None:                                     # bias balancing
       aux["router_bias"] = routing.selection_bias                              # [E]
       if train:  # this step's choices per expert, for the update the train step makes (train/step.py)

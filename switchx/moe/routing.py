@@ -94,7 +94,8 @@ def _priority_order(probs: jax.Array, token_mask: jax.Array, batch_prioritized: 
 def tokens_choose(probs: jax.Array, token_mask: jax.Array, *, k: int, capacity: int,
                   second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
                   normalize_gates: bool = False, batch_prioritized: bool = False,
-                  rng: jax.Array | None = None, selection_bias: jax.Array | None = None) -> TokenChoice:
+                  rng: jax.Array | None = None, selection_bias: jax.Array | None = None,
+                  expert_map: tuple[int, ...] | None = None, num_experts: int | None = None) -> TokenChoice:
   """Top-k routing (k=1: Switch; k=2: GShard).
 
   probs [G, S, E] float32, token_mask [G, S] bool (False: padding, never routed).
@@ -105,14 +106,18 @@ def tokens_choose(probs: jax.Array, token_mask: jax.Array, *, k: int, capacity: 
   confidence; added to probabilities, as the paper's softmax variant, steps of 0.01 could not resolve the
   ~0.005 gaps between a confident router's other experts, and a collapsed router's load swung from expert to
   expert in tests/test_balance.py.)
+  expert_map (merged experts) sends the chosen router column i to expert expert_map[i] of `num_experts`.
   """
-  num_groups, group_size, num_experts = probs.shape
+  num_groups, group_size, num_columns = probs.shape
+  num_experts = num_experts or num_columns
   if selection_bias is None:
     gate, expert_index = jax.lax.top_k(probs, k)                                           # [G, S, K]
   else:
     scores = jnp.log(jnp.maximum(probs, 1e-30)) + jax.lax.stop_gradient(selection_bias)     # [G, S, E]
     _, expert_index = jax.lax.top_k(scores, k)                                             # [G, S, K]
     gate = jnp.take_along_axis(probs, expert_index, axis=-1)                               # [G, S, K]
+  if expert_map is not None:
+    expert_index = jnp.asarray(expert_map, jnp.int32)[expert_index]                       # [G, S, K]
   relative = gate / jnp.maximum(gate.sum(-1, keepdims=True), 1e-9)                         # [G, S, K]
   if normalize_gates:
     gate = relative
@@ -152,7 +157,8 @@ STRATEGIES = {
     "tokens_choose": lambda probs, mask, capacity, moe, rng, bias: tokens_choose(
         probs, mask, k=moe.top_k, capacity=capacity, second_expert_policy=moe.second_expert_policy,
         second_expert_threshold=moe.second_expert_threshold, normalize_gates=moe.normalize_gates,
-        batch_prioritized=moe.batch_prioritized, rng=rng, selection_bias=bias),
+        batch_prioritized=moe.batch_prioritized, rng=rng, selection_bias=bias, expert_map=moe.expert_map,
+        num_experts=moe.num_experts),
     "experts_choose": lambda probs, mask, capacity, moe, rng, bias: experts_choose(probs, mask, capacity=capacity),
 }
 
@@ -193,7 +199,7 @@ class Router(nn.Module):
                                       1.0 - moe.jitter_noise, 1.0 + moe.jitter_noise)
     kernel = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
                                                                (EMBED, UNMODELED)),
-                        (tokens.shape[-1], moe.num_experts), jnp.float32)      # [D, E]
+                        (tokens.shape[-1], moe.num_router_experts), jnp.float32)  # [D, E] (merged: [D, R])
     logits = jnp.einsum("gsd,de->gse", router_in, kernel, precision=jax.lax.Precision.HIGHEST)  # [G, S, E]
     probs = jax.nn.softmax(logits, axis=-1)
     self.sow("intermediates", "router_logits", logits)
