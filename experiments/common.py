@@ -117,6 +117,7 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str, t
       result["router_confidence_curve"] = router_confidence_curves(metrics)
       cached.write_text(json.dumps(result))
     print(f"  {name} seed {seed}: held-out loss {result['final_eval_loss']:.4f} (cached)", flush=True)
+    result.setdefault("model_dir", str(model_dir))   # where its metrics.jsonl is (runs cached before: this name's)
     return result
   shutil.rmtree(model_dir, ignore_errors=True)
   started = time.perf_counter()
@@ -142,11 +143,11 @@ def run(name: str, overrides: list[str], seed: int, base: dict, work_dir: str, t
             "router_confidence_curve": router_confidence_curves(model_dir / "metrics.jsonl"), **counts}
   print(f"  {name} seed {seed}: held-out loss {result['final_eval_loss']:.4f}  "
         f"({result['wall_s']:.0f}s, {result['tokens_per_s'] or 0:,.0f} tokens/s)", flush=True)
+  result["model_dir"] = str(model_dir)
   cached.parent.mkdir(parents=True, exist_ok=True)
   cached.write_text(json.dumps(result))
   if not keep_model:
     shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the bulky state
-  result["model_dir"] = str(model_dir)
   return result
 
 
