@@ -212,8 +212,24 @@ class MoeConfig:
     return group_size * min(self.top_k, shared)
 
 
+class _WithExperts:
+  """What the MoE layer reads from a model config beside its MoeConfig (MoeLayer.for_model)."""
+
+  @property
+  def expert_dropout_rate(self) -> float:
+    rate = self.moe.expert_dropout_rate
+    return self.dropout_rate if rate is None else rate
+
+  @property
+  def expert_d_ff(self) -> int:
+    return self.moe.expert_d_ff or self.d_ff
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_WithExperts):
   """A T5 v1.1 encoder-decoder; some feed-forward layers may be MoE layers (see `moe` and *_sparse)."""
 
   vocab_size: int = 32128
@@ -297,21 +313,10 @@ class ModelConfig:
   def is_sparse(self) -> bool:
     return bool(self.encoder_sparse_layers or self.decoder_sparse_layers)
 
-  @property
-  def expert_dropout_rate(self) -> float:
-    rate = self.moe.expert_dropout_rate
-    return self.dropout_rate if rate is None else rate
-
-  @property
-  def expert_d_ff(self) -> int:
-    return self.moe.expert_d_ff or self.d_ff
-
-  def replace(self, **changes) -> "ModelConfig":
-    return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderOnlyConfig:
+class DecoderOnlyConfig(_WithExperts):
   """A decoder-only (causal) language model as Mixtral, OLMoE and Qwen-MoE build them (models/decoder_only.py):
   pre-norm RMSNorm, rotary positions, grouped-query attention, gated (SwiGLU) feed-forward layers, the layers in
   `sparse` replaced by the same MoE layer as the encoder-decoder's (MoeConfig)."""
@@ -380,17 +385,6 @@ class DecoderOnlyConfig:
   def is_sparse(self) -> bool:
     return bool(self.sparse_layers)
 
-  @property
-  def expert_dropout_rate(self) -> float:
-    rate = self.moe.expert_dropout_rate
-    return self.dropout_rate if rate is None else rate
-
-  @property
-  def expert_d_ff(self) -> int:
-    return self.moe.expert_d_ff or self.d_ff
-
-  def replace(self, **changes) -> "DecoderOnlyConfig":
-    return dataclasses.replace(self, **changes)
 
 
 def check_vocab(config: ModelConfig, max_token_id: int, source: str = "the inputs") -> None:
