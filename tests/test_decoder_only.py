@@ -305,3 +305,23 @@ def test_switchx_train_trains_a_decoder_only_moe_on_the_builtin_corpus_and_resum
   assert "router/decoder/layers_0/load_cv" in logged
   assert cli.main(flags) == 0
   assert "already trained" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", list(FAMILY_SETTINGS))
+def test_other_families_export_and_load_back_in_transformers(family, tmp_path):
+  """OLMoE, Qwen1.5-MoE and Qwen3-MoE: switchx's parameters exported (`switchx convert --to hf`) load with
+  from_pretrained into the same family and give switchx's logits."""
+  import transformers
+  from switchx import api
+  from switchx.interop.hf_decoder import export_dir, from_hf
+  torch, model = _family(family, 6)
+  config, params = from_hf(model.config, model.state_dict())
+  export_dir(config, params, str(tmp_path))
+  reloaded = getattr(transformers, FAMILY_SETTINGS[family][0]).from_pretrained(str(tmp_path)).eval()
+  tokens = np.random.RandomState(6).randint(1, 96, (2, 9)).astype(np.int64)
+  with torch.no_grad():
+    again = reloaded(torch.from_numpy(tokens)).logits.numpy()
+  ours = np.asarray(_apply(config)(params, jnp.asarray(tokens, jnp.int32), None, None))
+  np.testing.assert_allclose(again, ours, atol=1e-4, rtol=0)
+  config2, _ = api.load(str(tmp_path))
+  assert config2 == config

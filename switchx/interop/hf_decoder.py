@@ -1,5 +1,5 @@
 """transformers' decoder-only MoE models <-> switchx's DecoderOnly (models/decoder_only.py): MixtralForCausalLM,
-OlmoeForCausalLM, Qwen2MoeForCausalLM (Qwen1.5-MoE) and Qwen3MoeForCausalLM in; Mixtral out.
+OlmoeForCausalLM, Qwen2MoeForCausalLM (Qwen1.5-MoE) and Qwen3MoeForCausalLM, in and out.
 
     config, params = from_hf(hf_model.config, hf_model.state_dict())     # or switchx.load("<save_pretrained dir>")
 
@@ -188,49 +188,94 @@ def import_dir(path: str) -> tuple[DecoderOnlyConfig, dict]:
                      "directory complete?") from None
 
 
+def export_family(config: DecoderOnlyConfig) -> str:
+  """The transformers family that represents `config`: its q/k norm, biases and shared expert decide."""
+  if config.qk_norm == "full":
+    return "olmoe"
+  if config.qk_norm == "head":
+    return "qwen3_moe"
+  if config.qkv_bias or config.moe.shared_expert_d_ff:
+    return "qwen2_moe"
+  return "mixtral"
+
+
 def export_dir(config: DecoderOnlyConfig, params, path: str) -> None:
-  """Writes `path`/config.json and model.safetensors that transformers' MixtralForCausalLM.from_pretrained loads
-  (the released checkpoints' layout: one Linear per expert). Fails, writing nothing, where Mixtral cannot
-  represent the config."""
+  """Writes `path`/config.json and model.safetensors that transformers' <Family>ForCausalLM.from_pretrained loads
+  (export_family picks Mixtral, OLMoE, Qwen1.5-MoE or Qwen3-MoE; the released checkpoints' layout: one Linear
+  per expert). Fails, writing nothing, where the family cannot represent the config."""
   import safetensors.numpy
-  moe = config.moe
+  moe, family = config.moe, export_family(config)
+  sparse = config.sparse_layers
   problems = [why for bad, why in [
-      (config.sparse_layers != tuple(range(config.num_layers)), "every layer sparse (sparse='all')"),
       (config.activation != "gated-silu", "activation='gated-silu'"),
-      (not moe.normalize_gates or moe.router != "tokens_choose", "top-k with normalize_gates=True"),
-      (moe.shared_expert_d_ff > 0, "no shared expert"),
-      (moe.expert_d_ff not in (None, config.d_ff), "expert_d_ff = d_ff"),
+      (moe.router != "tokens_choose" or moe.expert_map is not None, "tokens_choose routing over unmerged experts"),
+      (family == "mixtral" and not moe.normalize_gates, "normalize_gates=True (Mixtral renormalises)"),
+      (family in ("mixtral", "olmoe") and sparse != tuple(range(config.num_layers)), "every layer sparse"),
+      (family == "mixtral" and moe.expert_d_ff not in (None, config.d_ff), "expert_d_ff = d_ff"),
+      (family == "olmoe" and moe.expert_d_ff not in (None, config.d_ff), "expert_d_ff = d_ff"),
+      (family == "qwen2_moe" and not (config.qkv_bias and moe.shared_expert_gate), "q/k/v biases and a gated "
+       "shared expert (Qwen1.5-MoE)"),
+      (family != "qwen2_moe" and (config.qkv_bias or moe.shared_expert_d_ff), "no q/k/v bias or shared expert"),
       (moe.bias_balance_rate > 0 or moe.routed_scaling_factor != 1.0, "no selection bias or gate scaling")] if bad]
   if problems:
-    raise ValueError(f"export to MixtralForCausalLM needs {', '.join(problems)}.")
-  hf = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=config.vocab_size,
+    raise ValueError(f"export as {FAMILIES[family]} needs {', '.join(problems)}.")
+  hf = dict(architectures=[FAMILIES[family]], model_type=family, vocab_size=config.vocab_size,
             hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=config.num_layers,
             num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=config.kv_dim,
             hidden_act="silu", rms_norm_eps=config.norm_epsilon, rope_theta=config.rope_theta,
-            sliding_window=None, num_experts_per_tok=moe.top_k, num_local_experts=moe.num_experts,
-            router_aux_loss_coef=moe.load_balance_loss_coef, router_jitter_noise=moe.jitter_noise,
+            num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.load_balance_loss_coef,
             tie_word_embeddings=config.tie_embeddings, torch_dtype="float32")
+  if family == "mixtral":
+    hf.update(num_local_experts=moe.num_experts, sliding_window=None, router_jitter_noise=moe.jitter_noise)
+  else:
+    hf.update(num_experts=moe.num_experts, norm_topk_prob=moe.normalize_gates)
+  if family in ("qwen2_moe", "qwen3_moe"):
+    hf.update(moe_intermediate_size=config.expert_d_ff, decoder_sparse_step=1, use_sliding_window=False,
+              mlp_only_layers=[i for i in range(config.num_layers) if i not in sparse])
+  if family == "qwen2_moe":
+    hf.update(shared_expert_intermediate_size=moe.shared_expert_d_ff, qkv_bias=True)
+  if family == "olmoe":
+    hf.update(clip_qkv=None)
   p = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
   d = config.d_model
   tensors = {"model.embed_tokens.weight": p["token_embedder/embedding"], "model.norm.weight": p["final_norm/scale"]}
   if not config.tie_embeddings:
     tensors["lm_head.weight"] = p["logits_dense/kernel"].T
+  linear = lambda prefix, ours: {prefix + "gate_proj.weight": p[ours + "wi_0/kernel"].T,
+                                 prefix + "up_proj.weight": p[ours + "wi_1/kernel"].T,
+                                 prefix + "down_proj.weight": p[ours + "wo/kernel"].T}
   for i in range(config.num_layers):
     ours, theirs = f"layers_{i}/", f"model.layers.{i}."
-    attn = ours + "attention/"
+    attn, a = ours + "attention/", theirs + "self_attn."
     tensors.update({
         theirs + "input_layernorm.weight": p[ours + "pre_attention_layer_norm/scale"],
         theirs + "post_attention_layernorm.weight": p[ours + "pre_mlp_layer_norm/scale"],
-        theirs + "self_attn.q_proj.weight": p[attn + "query/kernel"].reshape(d, -1).T,
-        theirs + "self_attn.k_proj.weight": p[attn + "key/kernel"].reshape(d, -1).T,
-        theirs + "self_attn.v_proj.weight": p[attn + "value/kernel"].reshape(d, -1).T,
-        theirs + "self_attn.o_proj.weight": p[attn + "out/kernel"].reshape(-1, d).T,
-        theirs + "block_sparse_moe.gate.weight": p[ours + "moe/router"].T})
+        a + "q_proj.weight": p[attn + "query/kernel"].reshape(d, -1).T,
+        a + "k_proj.weight": p[attn + "key/kernel"].reshape(d, -1).T,
+        a + "v_proj.weight": p[attn + "value/kernel"].reshape(d, -1).T,
+        a + "o_proj.weight": p[attn + "out/kernel"].reshape(-1, d).T})
+    if config.qkv_bias:
+      tensors.update({a + f"{x}_proj.bias": p[attn + f"{name}/bias"].reshape(-1)
+                      for x, name in (("q", "query"), ("k", "key"), ("v", "value"))})
+    if config.qk_norm != "none":
+      tensors.update({a + "q_norm.weight": p[attn + "query_norm/scale"],
+                      a + "k_norm.weight": p[attn + "key_norm/scale"]})
+    if i not in sparse:
+      tensors.update(linear(theirs + "mlp.", ours + "mlp/"))
+      continue
+    gate = theirs + ("block_sparse_moe." if family == "mixtral" else "mlp.")
+    tensors[gate + "gate.weight"] = p[ours + "moe/router"].T
     for j in range(moe.num_experts):
-      expert = f"{theirs}block_sparse_moe.experts.{j}."
-      tensors[expert + "w1.weight"] = p[ours + "moe/experts/wi_0"][j].T
-      tensors[expert + "w3.weight"] = p[ours + "moe/experts/wi_1"][j].T
-      tensors[expert + "w2.weight"] = p[ours + "moe/experts/wo"][j].T
+      expert, w = f"{gate}experts.{j}.", lambda name: p[ours + f"moe/experts/{name}"][j].T
+      if family == "mixtral":
+        tensors.update({expert + "w1.weight": w("wi_0"), expert + "w3.weight": w("wi_1"),
+                        expert + "w2.weight": w("wo")})
+      else:
+        tensors.update({expert + "gate_proj.weight": w("wi_0"), expert + "up_proj.weight": w("wi_1"),
+                        expert + "down_proj.weight": w("wo")})
+    if moe.shared_expert_d_ff:
+      tensors.update(linear(theirs + "mlp.shared_expert.", ours + "moe/shared_expert/"))
+      tensors[theirs + "mlp.shared_expert_gate.weight"] = p[ours + "moe/shared_expert_gate/kernel"].T
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
