@@ -152,8 +152,7 @@ def _plan(args: argparse.Namespace) -> int:
   mesh = MeshConfig.parse(args.mesh)
   if -1 in (mesh.data, mesh.expert, mesh.model):
     raise ValueError("--mesh: give every axis size, e.g. data=16,expert=128,model=1 (plan looks at no devices).")
-  gin_config.parse(args.gin_file, args.gin_bindings)
-  model, train = gin_config.encoder_decoder_config("plan"), gin_config.train_config()
+  model, train = gin_config.load(args.gin_file, args.gin_bindings)
   result = plan(model, train, {"data": mesh.data, "expert": mesh.expert, "model": mesh.model})
   if args.json:
     print(json.dumps(result))
@@ -175,8 +174,10 @@ def _convert(args: argparse.Namespace) -> int:
   if args.from_format == "t5x" and config is None and args.gin_file:
     config = gin_config.load(args.gin_file, args.gin_bindings)[0]
   result = convert(args.src, args.dst, args.from_format, args.to_format, config_for_t5x=config)
-  print(f"wrote {args.dst} ({args.to_format}): d_model {result.d_model}, {result.num_encoder_layers}+"
-        f"{result.num_decoder_layers} layers, {result.moe.num_experts if result.is_sparse else 0} experts")
+  layers = (f"{result.num_layers} decoder-only" if hasattr(result, "num_layers") else
+            f"{result.num_encoder_layers}+{result.num_decoder_layers}")
+  print(f"wrote {args.dst} ({args.to_format}): d_model {result.d_model}, {layers} layers, "
+        f"{result.moe.num_experts if result.is_sparse else 0} experts")
   return 0
 
 

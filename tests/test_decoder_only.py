@@ -227,10 +227,11 @@ def test_tiny_preset_builds_and_runs():
   assert logits.shape == (2, 5, config.vocab_size) and np.isfinite(np.asarray(logits)).all()
 
 
-def test_encoder_decoder_commands_refuse_a_decoder_only_preset_by_name(capsys):
-  from switchx import cli
-  assert cli.main(["plan", "--gin_file", "mixtral_8x7b", "--mesh", "data=8,expert=8,model=1"]) != 0
-  assert "decoder-only model (DecoderOnlyConfig)" in capsys.readouterr().err
+def test_encoder_decoder_commands_refuse_a_decoder_only_preset_by_name():
+  from switchx import gin_config
+  gin_config.parse(["models/mixtral_tiny"])
+  with pytest.raises(ValueError, match="`switchx upcycle` runs encoder-decoder models"):
+    gin_config.encoder_decoder_config("upcycle")
 
 
 def test_mixtral_directories_import_export_and_round_trip(tmp_path):
@@ -253,7 +254,9 @@ def test_mixtral_directories_import_export_and_round_trip(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-  api.convert(str(tmp_path / "switchx"), str(tmp_path / "exported"), "switchx", "hf")
+  from switchx import cli
+  assert cli.main(["convert", "--from", "switchx", "--to", "hf", str(tmp_path / "switchx"),
+                   str(tmp_path / "exported")]) == 0
   import transformers
   reloaded = transformers.MixtralForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()
   with torch.no_grad():
@@ -325,3 +328,17 @@ def test_other_families_export_and_load_back_in_transformers(family, tmp_path):
   np.testing.assert_allclose(again, ours, atol=1e-4, rtol=0)
   config2, _ = api.load(str(tmp_path))
   assert config2 == config
+
+
+def test_plan_sizes_a_decoder_only_preset_on_a_mesh():
+  """Mixtral-8x7B on data=8 x expert=8: each device holds an eighth of the experts and all of the rest
+  (float32), from shapes alone."""
+  from switchx import gin_config, model_stats
+  from switchx.train.plan import plan
+  gin_config.parse(["models/mixtral_8x7b"], ["TrainConfig.batch_size=64"])
+  config, train = gin_config.model_config(), gin_config.train_config()
+  result = plan(config, train, {"data": 8, "expert": 8, "model": 1})
+  counts = model_stats.param_counts(config)
+  expert, rest = counts["expert_params"], counts["total_params"] - counts["expert_params"]
+  assert result["params_bytes"] == 4 * (expert // 8 + rest)
+  assert result["total_params"] == counts["total_params"] and result["activation_bytes"] > 0

@@ -2,7 +2,8 @@
 
 No device is touched (jax.eval_shape and a device-less mesh description), so Switch-C-2048 on a 2048-device
 mesh can be planned on a laptop. Parameters and optimizer state are exact (the same specs training uses);
-activations are an estimate of what one training step keeps for the backward pass (formula below).
+activations are an estimate of what one training step keeps for the backward pass (formula below). A
+decoder-only model (DecoderOnlyConfig) is planned for rows of inputs_length + targets_length tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchx.config import ModelConfig, TrainConfig
+from switchx.config import DecoderOnlyConfig, ModelConfig, TrainConfig
+from switchx.models.decoder_only import DecoderOnly
 from switchx.models.encoder_decoder import EncoderDecoder
 from switchx.moe.dispatch import dropless_block_size
 from switchx.parallel.partitioning import Partitioner, abstract_mesh
@@ -67,6 +69,11 @@ def activation_estimate(config: ModelConfig, train: TrainConfig, mesh_shape: dic
       per_token += config.d_ff * hidden // model_ways
     return tokens * per_token
 
+  if isinstance(config, DecoderOnlyConfig):   # one causal stack over rows of inputs + targets tokens
+    length = train.inputs_length + train.targets_length
+    tokens = rows * length
+    total = sum(layer(tokens, length, i in config.sparse_layers) for i in range(config.num_layers))
+    return int(total * act_bytes + tokens * config.vocab_size // model_ways * 4)
   enc_tokens, dec_tokens = rows * train.inputs_length, rows * train.targets_length
   total = sum(layer(enc_tokens, train.inputs_length, i in config.encoder_sparse_layers)
               for i in range(config.num_encoder_layers))
@@ -81,11 +88,16 @@ def plan(config: ModelConfig, train: TrainConfig, mesh_shape: dict[str, int]) ->
   partitioner.check_batch(train.batch_size)
   config = config.replace(moe=dataclasses.replace(config.moe,
                                                   num_group_partitions=partitioner.num_batch_partitions))
-  model = EncoderDecoder(config)
   optimizer, _ = optim.make_optimizer(train)
-  batch = lambda: {"encoder_input_tokens": jnp.ones((train.batch_size, train.inputs_length), jnp.int32),
-                   "decoder_input_tokens": jnp.ones((train.batch_size, train.targets_length), jnp.int32)}
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **batch()))["params"]
+  if isinstance(config, DecoderOnlyConfig):
+    model = DecoderOnly(config)
+    length = train.inputs_length + train.targets_length
+    batch = lambda: {"decoder_input_tokens": jnp.ones((train.batch_size, length), jnp.int32)}
+  else:
+    model = EncoderDecoder(config)
+    batch = lambda: {"encoder_input_tokens": jnp.ones((train.batch_size, train.inputs_length), jnp.int32),
+                     "decoder_input_tokens": jnp.ones((train.batch_size, train.targets_length), jnp.int32)}
+  boxed = jax.eval_shape(lambda: step_lib.init_variables(model, jax.random.PRNGKey(0), batch()))["params"]
   abstract = jax.eval_shape(lambda: step_lib.init_train_state(model, optimizer, jax.random.PRNGKey(0), batch()))
   specs = partitioner.state_specs(abstract, boxed)
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
