@@ -207,3 +207,19 @@ def test_held_out_set_and_tokenizer_do_not_change_with_the_training_seed():
   assert any(not np.array_equal(a, b) for a, b in zip(next(train0).values(), next(train1).values()))
   _, _, held_out_other = loop.load_data(DataConfig(**{**data.__dict__, "split_seed": 1}), train)
   assert any(not np.array_equal(a[k], b[k]) for a, b in zip(held_out0, held_out_other) for k in a)
+
+
+def test_a_run_checkpointed_before_a_config_field_existed_still_resumes():
+  """A checkpoint's config record lacking fields added to switchx since (here MoeConfig.expert_map and
+  ModelConfig.init_scale removed from the saved record) counts as recording their defaults; a field that
+  differs still stops the resume."""
+  model, _, _ = configs(2)
+  current = json.loads(json.dumps(loop.config_record(model=model)["model"]))
+  old = json.loads(json.dumps(current))
+  del old["moe"]["expert_map"], old["init_scale"]
+  assert loop.with_defaults(old, current) == current
+  changed = dict(old, d_model=old["d_model"] * 2)
+  assert loop.with_defaults(changed, current) != current
+  changed_moe = json.loads(json.dumps(old))
+  changed_moe["moe"]["num_experts"] = 8
+  assert loop.with_defaults(changed_moe, current) != current

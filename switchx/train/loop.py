@@ -125,13 +125,38 @@ class WithExtras:
     self.pipeline.set_state(state)
 
 
+def with_defaults(saved, current):
+  """The saved config record with the fields it lacks (added to switchx after it was written) taken as their
+  defaults, so an older run still resumes: a field missing from `saved` gets its default value (from the current
+  config's class), nested records (moe) alike. None when nothing was saved."""
+  if not isinstance(saved, dict):
+    return saved
+  defaults = _default_record(current)
+  out = dict(saved)
+  for key, value in current.items():
+    if key not in out and key in defaults:
+      out[key] = defaults[key]
+    elif isinstance(value, dict) and isinstance(out.get(key), dict):
+      out[key] = with_defaults(out[key], value)
+  return out
+
+
+def _default_record(current: dict) -> dict:
+  """The JSON record of the default config of the class `current` records (a model config or MoeConfig)."""
+  from switchx.config import MoeConfig
+  cls = next((c for c in (ModelConfig, DecoderOnlyConfig, MoeConfig)
+              if {f.name for f in dataclasses.fields(c)} == set(current)), None)
+  return {} if cls is None else json.loads(json.dumps(dataclasses.asdict(cls())))
+
+
 def resume(checkpoints: Checkpointer, abstract_state, record: dict, model_dir: Path, data):
   """(state, step) of the newest checkpoint, with `data` (a pipeline or mixture) back at its position; None
   when there is none. A checkpoint made with another ModelConfig is an error."""
   if not checkpoints.steps():
     return None
   state, meta, step = checkpoints.restore(abstract_state)
-  if meta.get("config", {}).get("model") != json.loads(json.dumps(record["model"])):
+  current = json.loads(json.dumps(record["model"]))
+  if with_defaults(meta.get("config", {}).get("model"), current) != current:
     raise ValueError(f"the checkpoint in {model_dir} was made with a different ModelConfig; use another "
                      "--model_dir or the original config.")
   data.set_state(meta["data"])
