@@ -142,12 +142,12 @@ def test_logits_match_transformers_mixtral(seed, changes):
   top-1; tied embeddings), float32: switchx's logits within 1e-4 of transformers'. Mixtral routes every token
   (no capacity); the same configs under a Switch capacity of 1.0 would drop tokens (checked below), which is why
   the import sets dispatch='dropless'."""
-  from switchx.interop.hf_decoder import from_mixtral
+  from switchx.interop.hf_decoder import from_hf
   torch, model = _mixtral(seed, **changes)
   tokens = np.random.RandomState(seed).randint(1, 96, (2, 11)).astype(np.int64)
   with torch.no_grad():
     expected = model(torch.from_numpy(tokens)).logits.numpy()
-  config, params = from_mixtral(model.config, model.state_dict())
+  config, params = from_hf(model.config, model.state_dict())
   got = np.asarray(_apply(config)(params, jnp.asarray(tokens, jnp.int32), None, None))
   assert np.abs(expected).max() > 1.0                              # logits far from zero: a real comparison
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)

@@ -83,11 +83,6 @@ def decoder_config(hf, model_type: str) -> DecoderOnlyConfig:
       qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type == "qwen2_moe" else False)
 
 
-def mixtral_config(hf) -> DecoderOnlyConfig:
-  """A transformers MixtralConfig -> DecoderOnlyConfig (every token routed: no capacity, as Mixtral)."""
-  return decoder_config(hf, "mixtral")
-
-
 def decoder_params(state_dict: dict, config: DecoderOnlyConfig) -> dict:
   """A state dict of one of FAMILIES (torch tensors or arrays; transformers 5's fused experts or the released
   checkpoints' per-expert Linears) -> switchx parameters (float32 numpy)."""
@@ -149,18 +144,10 @@ def _moe_params(sd: dict, p: str, config: DecoderOnlyConfig) -> dict:
   return moe
 
 
-def mixtral_params(state_dict: dict, config: DecoderOnlyConfig) -> dict:
-  return decoder_params(state_dict, config)
-
-
 def from_hf(hf_config, state_dict: dict) -> tuple[DecoderOnlyConfig, dict]:
   """A transformers model's config and state dict (one of FAMILIES) -> (DecoderOnlyConfig, params)."""
   config = decoder_config(hf_config, hf_config.model_type)
   return config, decoder_params(state_dict, config)
-
-
-def from_mixtral(hf_config, state_dict: dict) -> tuple[DecoderOnlyConfig, dict]:
-  return from_hf(hf_config, state_dict)
 
 
 # --- directories (what save_pretrained writes): switchx.load / switchx convert ------------------------------
