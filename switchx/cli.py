@@ -82,6 +82,29 @@ def _merge(args: argparse.Namespace) -> int:
   return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+  import jax
+  from switchx.extract import extract_task, task_usage
+  from switchx.interop.native import save
+  from switchx.train import restore
+  loaded = restore.load_model(args.model)
+  config, params = loaded.config, jax.device_get(loaded.params)
+  if not getattr(config, "is_sparse", False):
+    raise ValueError(f"{args.model} is a dense model: there is no task routing to extract from.")
+  usage = task_usage(config, params) if config.moe.route_by == "task" else {}
+  task_config, task_params = extract_task(config, params, args.task)
+  save(task_config, task_params, args.out)
+  try:                               # the tokenizer travels with the task's model, so it decodes text alone
+    restore.load_tokenizer(args.model).save(os.path.join(args.out, restore.TOKENIZER_FILE))
+  except ValueError:
+    print(f"  (no tokenizer found with {args.model}: {args.out} holds the model only)")
+  for layer, experts in usage.items():
+    print(f"  {layer}: task {args.task} uses experts {experts[args.task]}")
+  print(f"task {args.task}: {config.moe.num_experts} -> {task_config.moe.num_experts} experts per layer; wrote "
+        f"{args.out}")
+  return 0
+
+
 def _quantize(args: argparse.Namespace) -> int:
   from switchx import quantize
   from switchx.interop.native import PARAMS_FILE, load, save
@@ -386,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "e.g. from `switchx eval`'s expert usage")
   merge.add_argument("--out", required=True, help="where the merged model goes")
   merge.set_defaults(run=_merge)
+
+  extract = sub.add_parser("extract", help="write the sub-network one task uses (a task-routed model, MoeConfig."
+                                           "route_by='task') as a smaller model that loads and decodes alone")
+  extract.add_argument("--model", required=True, help="a run directory (or RUN/best) or a switchx.save directory")
+  extract.add_argument("--task", type=int, required=True, help="the task's index in the fine-tuning mixture")
+  extract.add_argument("--out", required=True, help="where the task's model goes (a switchx.save directory)")
+  extract.set_defaults(run=_extract)
 
   evaluate = sub.add_parser("eval", help="held-out metrics of a run's newest checkpoint (eval capacity factor): "
                                          "neg. log perplexity, token accuracy, router metrics -> eval.json")

@@ -14,6 +14,10 @@ from typing import Sequence, Union
 ACTIVATIONS = ("relu", "gelu", "silu", "gated-relu", "gated-gelu", "gated-silu")
 DTYPES = ("float32", "bfloat16")
 ROUTERS = ("tokens_choose", "experts_choose")
+# What the router reads: each token's own input ("token", Switch), or the task id of the example the token belongs
+# to ("task": task-level MoE, Kudugunta et al. 2021, arXiv 2110.03742; every token of a task takes the same experts,
+# so a task's sub-network can be extracted, switchx/extract.py).
+ROUTE_BY = ("token", "task")
 SECOND_EXPERT_POLICIES = ("all", "random")
 DISPATCH = ("einsum", "index", "dropless")
 # "switch": the original Switch / t5x routing (groups of up to group_size tokens across the batch, capacity from
@@ -103,6 +107,11 @@ class MoeConfig:
   num_group_partitions: int = 1          # shards the routing groups are split over (the mesh's data x expert
                                          # axes; set by the partitioner): the group count is a multiple of it
   semantics: str = "switch"              # "switch" (original) or "transformers" (HF parity); see SEMANTICS
+  route_by: str = "token"                # "token" (each token's input) or "task" (the token's task id: a learned
+                                         # [num_tasks, E] table of router logits, parameter "task_router"); all of
+                                         # a task's tokens take its k experts, so capacity factors <= 0 (no
+                                         # dropping) and load_balance_loss_coef 0 suit it unless tasks are many
+  num_tasks: int = 0                     # rows of that table (route_by="task"); task ids are 0 .. num_tasks - 1
 
   def __post_init__(self):
     own = "MoeConfig"
@@ -180,6 +189,17 @@ class MoeConfig:
       _fail(own, "balance_loss_scope", self.balance_loss_scope, f"choose one of {BALANCE_SCOPES}.")
     if self.shared_expert_d_ff < 0:
       _fail(own, "shared_expert_d_ff", self.shared_expert_d_ff, "must be >= 0 (0: no shared expert).")
+    if self.route_by not in ROUTE_BY:
+      _fail(own, "route_by", self.route_by, f"choose one of {ROUTE_BY}.")
+    if self.route_by == "task":
+      if self.num_tasks < 1:
+        _fail(own, "num_tasks", self.num_tasks, "route_by='task' needs num_tasks >= 1 (the fine-tuning mixture's "
+              "task count: task ids are each example's task index in FinetuneConfig.tasks).")
+      if self.router != "tokens_choose" or self.semantics != "switch" or self.expert_map is not None:
+        _fail(own, "route_by", self.route_by, "task routing picks each task's top-k experts (router="
+              "'tokens_choose', semantics='switch', no merged experts' expert_map).")
+    elif self.num_tasks:
+      _fail(own, "num_tasks", self.num_tasks, "only route_by='task' reads num_tasks; set it to 0 or route by task.")
 
   @property
   def num_router_experts(self) -> int:
@@ -359,6 +379,9 @@ class DecoderOnlyConfig(_WithExperts):
       _fail(own, "dtype", self.dtype, f"choose one of {DTYPES}.")
     if self.qk_norm not in QK_NORMS:
       _fail(own, "qk_norm", self.qk_norm, f"choose one of {QK_NORMS}.")
+    if self.moe.route_by != "token":
+      _fail(own, "moe", f"MoeConfig(route_by={self.moe.route_by!r})", "task routing serves the encoder-decoder's "
+            "fine-tuning mixtures (task ids per example); a decoder-only model routes by token.")
     if not self.rope_theta > 0:
       _fail(own, "rope_theta", self.rope_theta, "must be > 0 (10000 for Llama / Mixtral-8x7B).")
     if not 0 <= self.dropout_rate < 1:

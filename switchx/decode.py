@@ -114,15 +114,15 @@ def length_penalty(length, alpha):
 
 
 # --- the pieces every strategy shares -----------------------------------------------------------------------
-def _start(model, params, inputs: jax.Array, max_length: int):
+def _start(model, params, inputs: jax.Array, max_length: int, task_ids: jax.Array | None = None):
   """(cache, step, first): the decoding cache, the one-step function step(cache, tokens [B]) -> (logits [B, V],
   cache), and the first step's input tokens [B]. An encoder-decoder encodes `inputs` once (first: the start
   token 0); a decoder-only model reads its prompt `inputs` [B, Lp] into the cache (first: the prompt's last
-  token)."""
+  token). task_ids [B]: each row's task, for task-routed MoE layers (MoeConfig.route_by="task")."""
   params = dequantize(params)                  # quantized expert weights: dequantized inside the jitted loop
   if isinstance(model, DecoderOnly):
     return _start_causal(model, params, inputs, max_length)
-  cache, step = _start_encoder_decoder(model, params, inputs, max_length)
+  cache, step = _start_encoder_decoder(model, params, inputs, max_length, task_ids)
   return cache, step, jnp.zeros((inputs.shape[0],), jnp.int32)
 
 
@@ -144,18 +144,20 @@ def _start_causal(model: DecoderOnly, params, prompt: jax.Array, max_length: int
   return cache, step, prompt[:, -1]
 
 
-def _start_encoder_decoder(model: EncoderDecoder, params, encoder_tokens: jax.Array, max_length: int):
+def _start_encoder_decoder(model: EncoderDecoder, params, encoder_tokens: jax.Array, max_length: int,
+                           task_ids: jax.Array | None = None):
   """Encoder output and an empty cache for [B, max_length] decoder tokens, and the one-step function."""
-  encoded, _ = model.apply({"params": params}, encoder_tokens, method=EncoderDecoder.encode)   # [B, Le, D]
+  encoded, _ = model.apply({"params": params}, encoder_tokens, encoder_task_ids=task_ids,
+                           method=EncoderDecoder.encode)                                        # [B, Le, D]
   batch = encoder_tokens.shape[0]
   empty = jnp.zeros((batch, max_length), jnp.int32)                                          # sizes the cache
-  _, variables = model.apply({"params": params}, encoded, encoder_tokens, empty, method=EncoderDecoder.decode,
-                             mutable=["cache"])
+  _, variables = model.apply({"params": params}, encoded, encoder_tokens, empty, task_ids,
+                             method=EncoderDecoder.decode, mutable=["cache"])
 
   def step(cache, tokens):
     """Previous tokens [B] -> (logits [B, V] float32, updated cache)."""
     (logits, _), updated = model.apply({"params": params, "cache": cache}, encoded, encoder_tokens,
-                                       tokens[:, None], method=EncoderDecoder.decode, mutable=["cache"])
+                                       tokens[:, None], task_ids, method=EncoderDecoder.decode, mutable=["cache"])
     return logits[:, 0], updated["cache"]
 
   return variables["cache"], step
@@ -185,10 +187,10 @@ def _filtered_sample(rng, logits, temperature, top_k, top_p):
 
 
 # --- greedy and sampling --------------------------------------------------------------------------------------
-def _sample_loop(params, encoder_tokens, rng, temperature, top_k, top_p, *, model: EncoderDecoder,
+def _sample_loop(params, encoder_tokens, task_ids, rng, temperature, top_k, top_p, *, model: EncoderDecoder,
                  max_length: int, greedy: bool, return_logits: bool) -> DecodeResult:
   batch, vocab = encoder_tokens.shape[0], model.config.vocab_size
-  cache, step, first = _start(model, params, encoder_tokens, max_length)
+  cache, step, first = _start(model, params, encoder_tokens, max_length, task_ids)
   rows = jnp.arange(batch)
   state = dict(
       i=jnp.zeros((), jnp.int32), cache=cache, last=first,
@@ -221,7 +223,7 @@ def _sample_loop(params, encoder_tokens, rng, temperature, top_k, top_p, *, mode
 
 
 # --- beam search ---------------------------------------------------------------------------------------------
-def _beam_loop(params, encoder_tokens, alpha, *, model: EncoderDecoder, max_length: int,
+def _beam_loop(params, encoder_tokens, task_ids, alpha, *, model: EncoderDecoder, max_length: int,
                beam_size: int) -> DecodeResult:
   """Beam search with T5's length penalty, K = beam_size live hypotheses per row.
 
@@ -232,7 +234,9 @@ def _beam_loop(params, encoder_tokens, alpha, *, model: EncoderDecoder, max_leng
   K = 1 and alpha = 0 this is greedy search.
   """
   batch, k, vocab = encoder_tokens.shape[0], beam_size, model.config.vocab_size
-  cache, step, first = _start(model, params, jnp.repeat(encoder_tokens, k, axis=0), max_length)  # rows b * K + j
+  beam_tasks = None if task_ids is None else jnp.repeat(task_ids, k, axis=0)
+  cache, step, first = _start(model, params, jnp.repeat(encoder_tokens, k, axis=0), max_length,
+                              beam_tasks)                                                   # rows b * K + j
   ranks = jnp.arange(2 * k)
   best_possible = lambda live_logp: live_logp[:, 0] / length_penalty(max_length, alpha)   # [B]
   state = dict(
@@ -290,7 +294,7 @@ def _compiled(config: ModelConfig | DecoderOnlyConfig, strategy: str, max_length
 
 
 def generate(config: ModelConfig, params, encoder_input_tokens, decode_config: DecodeConfig = DecodeConfig(),
-             rng: jax.Array | None = None, return_logits: bool = False) -> DecodeResult:
+             rng: jax.Array | None = None, return_logits: bool = False, task_ids=None) -> DecodeResult:
   """Decodes every row of encoder_input_tokens [B, Le] (ids, 0 = padding) as decode_config says. For a
   decoder-only model (a DecoderOnlyConfig) they are the prompts [B, Lp], every row Lp real tokens (no padding),
   and the result is each row's continuation.
@@ -299,7 +303,8 @@ def generate(config: ModelConfig, params, encoder_input_tokens, decode_config: D
   parameters (cast to config.dtype inside each call) or serving_params(config, params) (cast once, for many
   calls; the same results). rng: sampling's random stream (default: PRNGKey(decode_config.seed)).
   return_logits: also each step's logits [B, L, V] (greedy and sampling; rows that have finished keep stepping
-  on 0 tokens, and their logits are kept as computed).
+  on 0 tokens, and their logits are kept as computed). task_ids [B] (or an int for every row): each row's task,
+  which a task-routed model (MoeConfig.route_by="task") needs; other models ignore it.
   """
   dc = decode_config
   tokens = np.asarray(encoder_input_tokens)
@@ -319,10 +324,25 @@ def generate(config: ModelConfig, params, encoder_input_tokens, decode_config: D
   fn = _compiled(decoding_config(config, dc.moe_routing), dc.strategy, dc.max_decode_length,
                  dc.beam_size if dc.strategy == "beam" else 0, return_logits and dc.strategy != "beam")
   tokens = jnp.asarray(tokens, jnp.int32)
+  task_ids = _row_tasks(config, task_ids, tokens.shape[0])
   if dc.strategy == "beam":
-    return fn(params, tokens, jnp.float32(dc.length_penalty))
+    return fn(params, tokens, task_ids, jnp.float32(dc.length_penalty))
   rng = jax.random.PRNGKey(dc.seed) if rng is None else rng
-  return fn(params, tokens, rng, jnp.float32(dc.temperature), jnp.int32(dc.top_k), jnp.float32(dc.top_p))
+  return fn(params, tokens, task_ids, rng, jnp.float32(dc.temperature), jnp.int32(dc.top_k), jnp.float32(dc.top_p))
+
+
+def _row_tasks(config, task_ids, batch: int) -> jax.Array | None:
+  """Each row's task id [B] int32 for a task-routed model (checked against its num_tasks), else None."""
+  moe = config.moe
+  if moe.route_by != "task" or moe.num_tasks == 1:
+    return None
+  if task_ids is None:
+    raise ValueError(f"this model routes by task ({moe.num_tasks} tasks): pass task_ids=[task of each row] (each "
+                     "example's task index in the fine-tuning mixture).")
+  task_ids = np.broadcast_to(np.asarray(task_ids), (batch,))
+  if not np.issubdtype(task_ids.dtype, np.integer) or task_ids.min() < 0 or task_ids.max() >= moe.num_tasks:
+    raise ValueError(f"task_ids {task_ids.tolist()}: expected integer task indices in 0 .. {moe.num_tasks - 1}.")
+  return jnp.asarray(task_ids, jnp.int32)
 
 
 # --- text in, text out ----------------------------------------------------------------------------------------
@@ -348,9 +368,9 @@ def output_ids(tokens) -> list[list[int]]:
 
 def decode_texts(config: ModelConfig, params, tokenizer, texts: Sequence[str],
                  decode_config: DecodeConfig = DecodeConfig(), inputs_length: int | None = None,
-                 batch_size: int | None = None) -> list[str]:
+                 batch_size: int | None = None, task_id: int | None = None) -> list[str]:
   """Generated text for each input text, in batches of `batch_size` rows (a short last batch is padded with
-  empty rows, so every batch has one shape and one compile)."""
+  empty rows, so every batch has one shape and one compile). task_id: the texts' task (task-routed models)."""
   texts = list(texts)
   if not texts:
     return []
@@ -363,6 +383,6 @@ def decode_texts(config: ModelConfig, params, tokenizer, texts: Sequence[str],
     padded = np.zeros((batch_size, ids.shape[1]), np.int32)
     padded[:len(chunk)] = chunk
     padded[len(chunk):, 0] = EOS_ID                                               # an empty input: just EOS
-    result = generate(config, params, padded, decode_config)
+    result = generate(config, params, padded, decode_config, task_ids=task_id)
     outputs.extend(tokenizer.decode(row) for row in output_ids(jax.device_get(result.tokens))[:len(chunk)])
   return outputs

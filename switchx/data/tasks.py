@@ -3,7 +3,8 @@
     tasks = [load_task(TaskConfig(name="topics", train_path="train.jsonl", validation_path="validation.jsonl"),
                        tokenizer, inputs_length=64, targets_length=8)]
     mixture = Mixture(tasks, batch_size=32, inputs_length=64, targets_length=8, seed=0)
-    batch = next(mixture)                      # the pretraining pipeline's batch keys (data/packing.py)
+    batch = next(mixture)                      # the pretraining pipeline's batch keys (data/packing.py), and
+                                               # each token's task index (encoder_task_ids, decoder_task_ids)
 
 Each example is tokenized with the model's tokenizer as T5 does: ids of (input_prefix + input) then EOS, ids of
 target then EOS, both cut to the row lengths (EOS kept). The mixture is deterministic and checkpointable like
@@ -106,15 +107,16 @@ def load_task(task: TaskConfig, tokenizer, inputs_length: int, targets_length: i
 
 
 def validation_batches(task: Task, batch_size: int, inputs_length: int, targets_length: int,
-                       limit: int = 0) -> list[dict[str, np.ndarray]]:
+                       limit: int = 0, task_id: int | None = None) -> list[dict[str, np.ndarray]]:
   """The first `limit` (0: all) validation examples, one per row, in batches of batch_size rows (the last
-  batch padded with empty rows, which weigh nothing)."""
+  batch padded with empty rows, which weigh nothing). task_id: the task's index in its mixture, given as the
+  batches' TASK_KEYS (None: no task ids)."""
   examples = task.validation[:limit] if limit else task.validation
   batches = []
   for start in range(0, len(examples), batch_size):
-    packer = RowPacker(batch_size, inputs_length, targets_length, pack=False)
+    packer = RowPacker(batch_size, inputs_length, targets_length, pack=False, with_task_ids=task_id is not None)
     for inputs, targets in examples[start:start + batch_size]:
-      packer.add(inputs, targets)
+      packer.add(inputs, targets, task_id or 0)
     batches.append(packer.batch())
   return batches
 
@@ -152,9 +154,9 @@ class Mixture:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    packer = RowPacker(self.batch_size, self.inputs_length, self.targets_length, self.pack)
+    packer = RowPacker(self.batch_size, self.inputs_length, self.targets_length, self.pack, with_task_ids=True)
     # The example that no longer fits stays unconsumed: the next batch starts with it.
-    while packer.add(*self._peek()):
+    while packer.add(*self._peek(), self._task_of(self._draws)):
       self._consume()
     return packer.batch()
 

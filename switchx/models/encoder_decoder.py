@@ -37,11 +37,11 @@ from switchx.nn.norm import RMSNorm
 ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 
 
-def feed_forward(cfg: ModelConfig, sparse: bool, x: jax.Array, token_mask: jax.Array, train: bool):
+def feed_forward(cfg: ModelConfig, sparse: bool, x: jax.Array, token_mask: jax.Array, train: bool, task_ids=None):
   """The feed-forward slot of a layer (called inside a layer's compact method): a dense MLP ("mlp") or a
   MoE layer ("moe"), as the config's sparse layout says. -> (y, moe aux or None)."""
   if sparse:
-    return MoeLayer.for_model(cfg, name="moe")(x, token_mask, train)
+    return MoeLayer.for_model(cfg, name="moe")(x, token_mask, train, task_ids)
   mlp = MlpBlock(cfg.d_ff, cfg.activation, cfg.dropout_rate, cfg.init_scale, jnp.dtype(cfg.dtype), name="mlp")
   return mlp(x, deterministic=not train), None
 
@@ -51,7 +51,7 @@ class EncoderLayer(nn.Module):
   sparse: bool = False
 
   @nn.compact
-  def __call__(self, x, bias, token_mask, train: bool):
+  def __call__(self, x, bias, token_mask, train: bool, task_ids=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
@@ -59,7 +59,7 @@ class EncoderLayer(nn.Module):
                            name="attention")(h, h, bias, deterministic=not train)
     x = x + dropout(h)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    h, aux = feed_forward(cfg, self.sparse, h, token_mask, train)
+    h, aux = feed_forward(cfg, self.sparse, h, token_mask, train, task_ids)
     x = x + dropout(h)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
 
@@ -69,7 +69,8 @@ class DecoderLayer(nn.Module):
   sparse: bool = False
 
   @nn.compact
-  def __call__(self, x, encoded, self_bias, cross_bias, token_mask, train: bool, decode: bool = False):
+  def __call__(self, x, encoded, self_bias, cross_bias, token_mask, train: bool, decode: bool = False,
+               task_ids=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.kv_dim, cfg.dropout_rate, cfg.init_scale,
@@ -81,7 +82,7 @@ class DecoderLayer(nn.Module):
     x = x + dropout(attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic=not train,
                                                            kv_cache="cross" if decode else None))
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    h, aux = feed_forward(cfg, self.sparse, h, token_mask, train)
+    h, aux = feed_forward(cfg, self.sparse, h, token_mask, train, task_ids)
     x = x + dropout(h)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
 
@@ -98,7 +99,7 @@ class Encoder(nn.Module):
   embedder: Embed
 
   @nn.compact
-  def __call__(self, tokens, segment_ids=None, positions=None, train: bool = False):
+  def __call__(self, tokens, segment_ids=None, positions=None, train: bool = False, task_ids=None):
     cfg = self.config
     valid = tokens > 0                                                        # [B, Le]
     positions = _positions(tokens, positions)
@@ -111,7 +112,7 @@ class Encoder(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     sparse, aux = set(cfg.encoder_sparse_layers), {}
     for i in range(cfg.num_encoder_layers):
-      x, layer_aux = EncoderLayer(cfg, i in sparse, name=f"layers_{i}")(x, bias, valid, train)
+      x, layer_aux = EncoderLayer(cfg, i in sparse, name=f"layers_{i}")(x, bias, valid, train, task_ids)
       if layer_aux is not None:
         aux[f"encoder/layers_{i}"] = layer_aux
     x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(x)
@@ -124,7 +125,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded, encoder_valid, tokens, target_tokens=None, segment_ids=None, positions=None,
-               encoder_segment_ids=None, train: bool = False, decode: bool = False):
+               encoder_segment_ids=None, train: bool = False, decode: bool = False, task_ids=None):
     """decode=True: cached decoding (see EncoderDecoder.decode); the first such call creates the cache."""
     cfg = self.config
     relpos_bias = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
@@ -153,7 +154,7 @@ class Decoder(nn.Module):
     sparse, aux = set(cfg.decoder_sparse_layers), {}
     for i in range(cfg.num_decoder_layers):
       x, layer_aux = DecoderLayer(cfg, i in sparse, name=f"layers_{i}")(
-          x, encoded, self_bias, cross_bias, valid, train, decode)
+          x, encoded, self_bias, cross_bias, valid, train, decode, task_ids)
       if layer_aux is not None:
         aux[f"decoder/layers_{i}"] = layer_aux
     x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(x)
@@ -197,23 +198,26 @@ class EncoderDecoder(nn.Module):
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-               decoder_positions=None, train: bool = False):
-    """-> (logits [B, Ld, V] float32, moe_aux {layer name: {metric: value}})."""
+               decoder_positions=None, encoder_task_ids=None, decoder_task_ids=None, train: bool = False):
+    """-> (logits [B, Ld, V] float32, moe_aux {layer name: {metric: value}}). *_task_ids [B] or [B, L] int:
+    each row's or token's task, read by MoeConfig.route_by="task" routers only."""
     for name, tokens in (("encoder_input_tokens", encoder_input_tokens),
                          ("decoder_input_tokens", decoder_input_tokens)):
       if not isinstance(tokens, jax.core.Tracer) and tokens.size:  # concrete inputs: check them now
         check_vocab(self.config, int(np.max(np.asarray(tokens))), name)
-    encoded, enc_aux = self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions, train)
+    encoded, enc_aux = self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions, train,
+                                    encoder_task_ids)
     logits, dec_aux = self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens,
                                    decoder_target_tokens, decoder_segment_ids, decoder_positions,
-                                   encoder_segment_ids, train)
+                                   encoder_segment_ids, train, task_ids=decoder_task_ids)
     return logits, {**enc_aux, **dec_aux}
 
-  def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None, train: bool = False):
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None, train: bool = False,
+             encoder_task_ids=None):
     """The encoder alone (run once before decoding) -> (encoded [B, Le, D], moe_aux of its sparse layers)."""
-    return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions, train)
+    return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions, train, encoder_task_ids)
 
-  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens):
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_task_ids=None):
     """One step of cached decoding (eval mode; apply with mutable=["cache"]) -> (logits [B, 1, V], moe_aux).
 
     The first call finds no cache and creates an empty one for decoder_input_tokens' shape [B, L_max] (its
@@ -224,4 +228,5 @@ class EncoderDecoder(nn.Module):
     Every cache leaf of rank >= 1 has the batch as its leading axis (beam search reorders them by it); the
     cache_index scalars are shared by all rows.
     """
-    return self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens, train=False, decode=True)
+    return self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens, train=False, decode=True,
+                        task_ids=decoder_task_ids)

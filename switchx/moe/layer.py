@@ -5,6 +5,7 @@ C capacity (slots per expert per group), K experts per token, D d_model, F exper
 
     x [B, L, D] -> tokens [G, S, D]                  group_shape (below)
     routing = Router(tokens)                         moe/routing.py: float32 logits [G, S, E], a decision
+                                                     (route_by="task": logits from each token's task id)
     expert_in = dispatcher.dispatch(tokens)          moe/dispatch.py: [E, G, C, D] (einsum, index, dropless)
     expert_out = Experts(expert_in)                  moe/experts.py: [E, G, C, D]
     y = dispatcher.combine(expert_out) -> [B, L, D]  a token with no expert slot gets exactly zero (the
@@ -78,7 +79,10 @@ class MoeLayer(nn.Module):
       if self.moe.shared_expert_gate:
         self.shared_expert_gate = DenseGeneral(1, (EMBED, UNMODELED), init_scale=self.init_scale)
 
-  def __call__(self, x: jax.Array, token_mask: jax.Array, train: bool) -> tuple[jax.Array, dict]:
+  def __call__(self, x: jax.Array, token_mask: jax.Array, train: bool,
+               task_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """x [B, L, D], token_mask [B, L] (False: padding, never routed); task_ids [B] or [B, L] int (route_by="task"
+    only: each row's or each token's task; a one-task model needs none)."""
     moe, dtype = self.moe, jnp.dtype(self.dtype)
     batch, length, d_model = x.shape
     if moe.semantics == "transformers":  # transformers' SparseMLP: a group per sequence, every token routed
@@ -90,7 +94,8 @@ class MoeLayer(nn.Module):
     tokens = nn.with_logical_constraint(tokens, (BATCH, UNMODELED, EMBED))
     mask = token_mask.reshape(num_groups, group_size).astype(bool)             # [G, S]
 
-    routing = self.route(tokens, mask, capacity, train)                        # float32 ("selective precision")
+    tasks = _task_ids(moe, task_ids, batch, length, self.is_initializing()).reshape(num_groups, group_size)  # [G, S]
+    routing = self.route(tokens, mask, capacity, train, tasks)                 # float32 ("selective precision")
     dispatcher = make_dispatcher(moe, routing.decision, group_size=group_size, capacity=capacity, block=block,
                                  dtype=dtype)
     expert_in = dispatcher.dispatch(tokens)                                    # [E, G, C, D] (blocks: [N, 1, b, D])
@@ -126,6 +131,25 @@ class MoeLayer(nn.Module):
       gate = self.shared_expert_gate(x.astype(jnp.float32))                   # [B, L, 1] float32
       out = (jax.nn.sigmoid(gate) * out.astype(jnp.float32)).astype(out.dtype)
     return out
+
+
+def _task_ids(moe: MoeConfig, task_ids: jax.Array | None, batch: int, length: int, initializing: bool) -> jax.Array:
+  """Each token's task id [B, L] int32 from per-row [B] or per-token [B, L] ids; zeros when routing by token (and
+  at initialisation, whose shapes do not depend on them)."""
+  if moe.route_by != "task":
+    return jnp.zeros((batch, length), jnp.int32)
+  if moe.num_tasks == 1:            # one task (e.g. an extracted sub-network): whatever ids come, its row
+    return jnp.zeros((batch, length), jnp.int32)
+  if task_ids is None:
+    if initializing:
+      return jnp.zeros((batch, length), jnp.int32)
+    raise ValueError(f"MoeConfig.route_by='task' with {moe.num_tasks} tasks: the model needs each example's task "
+                     "id (encoder_task_ids / decoder_task_ids, which data.tasks.Mixture batches carry, or "
+                     "task_ids=... to generate).")
+  task_ids = jnp.asarray(task_ids, jnp.int32)
+  if task_ids.ndim == 1:
+    task_ids = task_ids[:, None]
+  return jnp.broadcast_to(task_ids, (batch, length))
 
 
 def balance_loss(chosen: jax.Array, probs: jax.Array, real: jax.Array) -> jax.Array:

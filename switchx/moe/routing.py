@@ -5,6 +5,7 @@ K experts per token, D d_model.
 
     router_in [G, S, D] float32 (jitter, when training, multiplies only this copy: "selective precision")
     logits = router_in @ kernel [D, E]      [G, S, E] float32
+      (route_by="task": logits = task_router[task_ids], a learned row per task, the same for all its tokens)
     probs = softmax(logits)                 [G, S, E]
     decision = STRATEGIES[moe.router](probs, mask, capacity, moe, rng, bias)   bias: bias balancing's [E] or None
     decision.gate *= moe.routed_scaling_factor                                (DeepSeek's; 1 for Switch)
@@ -189,18 +190,20 @@ class Router(nn.Module):
   moe: MoeConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, mask: jax.Array, capacity: int, train: bool) -> Routing:
+  def __call__(self, tokens: jax.Array, mask: jax.Array, capacity: int, train: bool,
+               task_ids: jax.Array | None = None) -> Routing:
     """With MoeConfig.bias_balance_rate the layer also has the parameter "router_bias" [E]: added to the
-    probabilities to choose experts only, and set by `balance_bias` after each step, never by the optimizer."""
+    probabilities to choose experts only, and set by `balance_bias` after each step, never by the optimizer.
+    With MoeConfig.route_by="task" the logits are rows of the parameter "task_router" [num_tasks, E], picked by
+    task_ids [G, S] (each token's task); there is no kernel and no jitter."""
     moe = self.moe
-    router_in = tokens.astype(jnp.float32)                                     # [G, S, D]
-    if train and moe.jitter_noise > 0:
-      router_in *= jax.random.uniform(self.make_rng("jitter"), router_in.shape, jnp.float32,
-                                      1.0 - moe.jitter_noise, 1.0 + moe.jitter_noise)
-    kernel = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
-                                                               (EMBED, UNMODELED)),
-                        (tokens.shape[-1], moe.num_router_experts), jnp.float32)  # [D, E] (merged: [D, R])
-    logits = jnp.einsum("gsd,de->gse", router_in, kernel, precision=jax.lax.Precision.HIGHEST)  # [G, S, E]
+    if moe.route_by == "task":
+      table = self.param("task_router", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                                     (None, UNMODELED)),
+                         (moe.num_tasks, moe.num_experts), jnp.float32)       # [num_tasks, E]
+      logits = jnp.take(table, task_ids, axis=0)                               # [G, S, E]
+    else:
+      logits = self._token_logits(tokens, train)                               # [G, S, E]
     probs = jax.nn.softmax(logits, axis=-1)
     self.sow("intermediates", "router_logits", logits)
     random_second = train and moe.top_k > 1 and moe.second_expert_policy == "random"
@@ -213,3 +216,15 @@ class Router(nn.Module):
     if moe.routed_scaling_factor != 1.0:
       decision = decision.replace(gate=decision.gate * moe.routed_scaling_factor)
     return Routing(logits, probs, decision, bias)
+
+  def _token_logits(self, tokens: jax.Array, train: bool) -> jax.Array:
+    """tokens [G, S, D] -> logits [G, S, E] float32 from the kernel "router" [D, E] (jittered input in training)."""
+    moe = self.moe
+    router_in = tokens.astype(jnp.float32)                                     # [G, S, D]
+    if train and moe.jitter_noise > 0:
+      router_in *= jax.random.uniform(self.make_rng("jitter"), router_in.shape, jnp.float32,
+                                      1.0 - moe.jitter_noise, 1.0 + moe.jitter_noise)
+    kernel = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                               (EMBED, UNMODELED)),
+                        (tokens.shape[-1], moe.num_router_experts), jnp.float32)  # [D, E] (merged: [D, R])
+    return jnp.einsum("gsd,de->gse", router_in, kernel, precision=jax.lax.Precision.HIGHEST)

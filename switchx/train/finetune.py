@@ -30,6 +30,7 @@ from switchx.config import DecodeConfig, FinetuneConfig, ModelConfig, TrainConfi
 from switchx.data.packing import RowPacker
 from switchx.data.tasks import Mixture, load_task, validation_batches
 from switchx.decode import generate, output_ids
+from switchx.extract import task_router_params
 from switchx.interop.hf import import_hf
 from switchx.parallel.mesh import MeshConfig, make_mesh, maybe_initialize_distributed
 from switchx.parallel.partitioning import Partitioner
@@ -55,11 +56,13 @@ def finetune_train_config(**changes) -> TrainConfig:
 TASK_METRICS = ("exact_match", "token_accuracy", "neg_log_perplexity")
 
 
-def score_task(run, params, task, train_config: TrainConfig, finetune_config: FinetuneConfig) -> tuple[dict, list]:
-  """(metrics, predicted ids) of a task's first eval_examples validation examples, one example per row."""
+def score_task(run, params, task, train_config: TrainConfig, finetune_config: FinetuneConfig,
+               task_id: int = 0) -> tuple[dict, list]:
+  """(metrics, predicted ids) of a task's first eval_examples validation examples, one example per row; task_id:
+  its index in the mixture (what task-routed MoE layers route by)."""
   decode_config = DecodeConfig(max_decode_length=finetune_config.max_decode_length or train_config.targets_length)
   batches = validation_batches(task, train_config.batch_size, train_config.inputs_length,
-                               train_config.targets_length, finetune_config.eval_examples)
+                               train_config.targets_length, finetune_config.eval_examples, task_id)
   tokens = ce = correct = 0.0
   predictions, matches = [], []
   for batch in batches:
@@ -68,7 +71,7 @@ def score_task(run, params, task, train_config: TrainConfig, finetune_config: Fi
     tokens += n
     ce += float(metrics["cross_entropy_loss"]) * n
     correct += float(metrics["accuracy"]) * n
-    decoded = generate(run.config, params, batch["encoder_input_tokens"], decode_config).tokens
+    decoded = generate(run.config, params, batch["encoder_input_tokens"], decode_config, task_ids=task_id).tokens
     real = batch["decoder_loss_weights"].sum(1) > 0                            # rows holding an example
     for got, want, is_real in zip(output_ids(jax.device_get(decoded)), output_ids(batch["decoder_target_tokens"]),
                                   real):
@@ -87,10 +90,10 @@ def evaluate_tasks(run, params, tasks, tokenizer, train_config: TrainConfig, fin
   and a few decoded samples per task ("<task>/samples", for the log). Tasks without validation data are
   skipped."""
   results, per_task = {}, []
-  for task in tasks:
+  for task_id, task in enumerate(tasks):
     if not task.validation:
       continue
-    metrics, predictions = score_task(run, params, task, train_config, finetune_config)
+    metrics, predictions = score_task(run, params, task, train_config, finetune_config, task_id)
     per_task.append(metrics)
     results.update({f"{task.name}/{key}": value for key, value in metrics.items()})
     results[f"{task.name}/samples"] = [
@@ -120,6 +123,15 @@ def read_init_config(init_from: str | Path) -> ModelConfig:
   return config_from_dict(fields, str(run_dir / restore.CONFIG_FILE))
 
 
+def _to_task_routing(saved: ModelConfig, model_config: ModelConfig | None, moe_changes: dict | None) -> int:
+  """The task count when a token-routed checkpoint is fine-tuned as a task-routed model (MoeConfig.route_by="task"
+  in the given config or changes: extract.task_router_params converts its parameters), else 0."""
+  given = model_config.moe if model_config is not None else dataclasses.replace(saved.moe, **(moe_changes or {}))
+  if saved.is_sparse and saved.moe.route_by == "token" and given.route_by == "task":
+    return given.num_tasks
+  return 0
+
+
 def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_dir: str | Path,
              model_config: ModelConfig | None = None, model_changes: dict | None = None,
              moe_changes: dict | None = None, mesh_config: MeshConfig = MeshConfig(), data_config=None,
@@ -140,12 +152,19 @@ def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_d
   if not fc.tasks:
     raise ValueError("FinetuneConfig.tasks is empty: give at least one TaskConfig (or --task NAME=TRAIN.jsonl).")
   saved = read_init_config(fc.init_from)
+  to_task_routing = _to_task_routing(saved, model_config, moe_changes)
+  if to_task_routing:       # a token-routed checkpoint fine-tuned with task routing: its routers become tables
+    saved = saved.replace(moe=dataclasses.replace(saved.moe, route_by="task", num_tasks=to_task_routing))
   if model_config is not None:
     restore.check_compatible(saved, model_config, f"the checkpoint in {fc.init_from}")
     config = model_config
   else:
     config = restore.apply_overrides(saved, model_changes, moe_changes)
   optim.make_optimizer(tc, fc.freeze, config)                    # a freezing option the model cannot take
+  if config.moe.route_by == "task" and config.is_sparse and config.moe.num_tasks < len(fc.tasks):
+    raise ValueError(f"MoeConfig.num_tasks={config.moe.num_tasks} but the mixture has {len(fc.tasks)} tasks: a "
+                     "task-routed model needs a table row per task (task ids are each task's index in "
+                     f"FinetuneConfig.tasks); set num_tasks={len(fc.tasks)}.")
   model_dir = Path(model_dir)
   record = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tc),
             "finetune": dataclasses.asdict(fc), "mesh": dataclasses.asdict(mesh_config)}
@@ -182,7 +201,11 @@ def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_d
   resumed = resume(checkpoints, abstract, record, model_dir, mixture)
   if resumed is None:
     loaded = restore.load_model(fc.init_from, partitioner)
-    resumed = run.init_from_params(loaded.params), 0
+    params = loaded.params
+    if to_task_routing:
+      params = task_router_params(jax.device_get(params), to_task_routing, seed=tc.seed)
+      log.info("routing by task: each MoE layer's router replaced by a fresh [%d, E] table", to_task_routing)
+    resumed = run.init_from_params(params), 0
     log.info("fine-tuning %s (%s)", fc.init_from, loaded.source)
   state, step = resumed
   if process_index == 0:
@@ -235,7 +258,7 @@ def finetune(train_config: TrainConfig, finetune_config: FinetuneConfig, model_d
 
 def mixture_batch_shapes(train_config: TrainConfig) -> dict[str, np.ndarray]:
   """A batch of one row with the fine-tuning batch's keys and lengths (shapes for state.build)."""
-  return RowPacker(1, train_config.inputs_length, train_config.targets_length).batch()
+  return RowPacker(1, train_config.inputs_length, train_config.targets_length, with_task_ids=True).batch()
 
 
 def _scalars(metrics: dict) -> dict:

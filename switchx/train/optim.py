@@ -159,7 +159,7 @@ def per_expert(tx: optax.GradientTransformation) -> optax.GradientTransformation
 # --- freezing ----------------------------------------------------------------------------------------------
 def _is_router(path) -> bool:
   keys = [getattr(k, "key", None) for k in path]
-  return "moe" in keys and keys[-1] == "router"
+  return "moe" in keys and keys[-1] in ("router", "task_router")
 
 
 def frozen_mask(params, freeze: str):

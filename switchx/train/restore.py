@@ -36,7 +36,7 @@ ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
                        "num_decoder_layers", "activation", "relative_attention_num_buckets",
                        "relative_attention_max_distance", "logits_via_embedding", "layer_norm_epsilon",
                        "encoder_sparse", "decoder_sparse")
-MOE_ARCHITECTURE_FIELDS = ("num_experts", "expert_d_ff")
+MOE_ARCHITECTURE_FIELDS = ("num_experts", "expert_d_ff", "route_by", "num_tasks")
 
 
 @dataclasses.dataclass
@@ -123,7 +123,8 @@ def build_run(config: ModelConfig, train_config: TrainConfig, partitioner: Parti
   train_config = dataclasses.replace(train_config, batch_size=rows, gradient_accumulation_steps=1)
   enc = np.zeros((rows, inputs_length or train_config.inputs_length), np.int32)
   dec = np.zeros((rows, targets_length or train_config.targets_length), np.int32)
-  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec}
+  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec,
+           "encoder_task_ids": enc, "decoder_task_ids": dec}             # read by task-routed models only
   return state_lib.build(config, train_config, partitioner, batch, optimizer=optimizer)
 
 

@@ -23,7 +23,8 @@ from switchx.moe import routing
 from switchx.quantize import dequantize
 
 MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "encoder_segment_ids",
-                "decoder_segment_ids", "encoder_positions", "decoder_positions")
+                "decoder_segment_ids", "encoder_positions", "decoder_positions", "encoder_task_ids",
+                "decoder_task_ids")
 # Metrics that add up over micro-batches (each is already divided by the whole batch's token count).
 ADDITIVE_METRICS = ("loss", "cross_entropy_loss", "z_loss", "accuracy", "num_target_tokens")
 RNG_STREAMS = ("dropout", "jitter", "routing")
