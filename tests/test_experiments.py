@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import (adam_moments, balancing, capacity_factor, distillation, expert_count, gpu_scaling,
-                         init_scale, regime, report, sparse_vs_dense, upcycling)
+from experiments import (adam_moments, balancing, capacity_factor, distillation, expert_count, extraction,
+                         gpu_scaling, init_scale, merging, quantization, regime, report, sparse_vs_dense, upcycling)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,8 @@ def work(tmp_path_factory):
     (expert_count, "expert_count", ["--wide", "2", "--at_steps", "2"]), (capacity_factor, "capacity_factor", []),
     (sparse_vs_dense, "sparse_vs_dense", ["--target_step", "2"]), (init_scale, "init_scale", []),
     (adam_moments, "adam_moments", []), (gpu_scaling, "gpu_scaling", []), (regime, "regime", []),
-    (upcycling, "upcycling", []), (distillation, "distillation", []), (balancing, "balancing", [])])
+    (upcycling, "upcycling", []), (distillation, "distillation", []), (balancing, "balancing", []),
+    (quantization, "quantization", []), (merging, "merging", []), (extraction, "extraction", [])])
 def test_script_quick_mode(script, name, extra, work):
   out = work / "results"
   script.main(["--quick", "--out", str(out), "--work_dir", str(work / "runs"), *extra])
@@ -57,6 +58,20 @@ def test_script_quick_mode(script, name, extra, work):
     assert coarse < fine < 1.03 * coarse          # the same expert FLOPs; only the router grows (2x the experts)
     assert rows["granularity 2"]["params"] > rows["switch loss (group)"]["params"]   # router columns only
     assert (out / f"{name}_load_cv.png").stat().st_size > 1000
+  if name == "quantization":  # float32 first; the file shrinks with the bits; int8 changes the loss by little
+    rows = payload["rows"]
+    assert list(rows)[0] == "float32" and rows["float32"]["delta"] == 0.0
+    assert rows["float32"]["file_mib"] > rows["int8 RTN"]["file_mib"] > rows["int4 RTN"]["file_mib"]
+    assert abs(rows["int8 RTN"]["delta"]) < 0.01
+  if name == "merging":  # E' = E merges nothing: the same loss; fewer experts, fewer parameters
+    rows = {int(k): v for k, v in payload["rows"].items()}
+    assert abs(rows[max(rows)]["delta"]) < 1e-6
+    assert rows[1]["expert_params"] * max(rows) == rows[max(rows)]["expert_params"]
+  if name == "extraction":  # the extracted task model is the task-routed model on the task's inputs
+    for row in payload["rows"]:
+      assert abs(row["extracted"]["loss"] - row["task-routed"]["loss"]) < 1e-4
+      assert row["extracted"]["exact_match"] == row["task-routed"]["exact_match"]
+      assert row["extracted"]["expert_params"] < row["task-routed"]["expert_params"]
   if name == "gpu_scaling":  # tokens/s per model; MFU needs a known peak (none for a CPU)
     assert all(row["tokens_per_s"] > 0 for row in payload["rows"]) and payload["peak_flops"] is None
     assert {row["experts"] for row in payload["rows"]} == {0, 8}
