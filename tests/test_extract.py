@@ -124,6 +124,10 @@ def test_task_routing_needs_task_ids_and_refuses_bad_ones():
   token_config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, route_by="token", num_tasks=0))
   with pytest.raises(ValueError, match="task-routed"):
     extract_task(token_config, params, 0)
+  with pytest.raises(ValueError, match="route_by='task'"):
+    from switchx.interop.hf import export_hf
+    export_hf(dataclasses.replace(config, activation="relu", moe=dataclasses.replace(config.moe, top_k=1)), params,
+              "/nonexistent/never-written")
   with pytest.raises(ValueError, match="num_tasks"):
     MoeConfig(route_by="task")
   with pytest.raises(ValueError, match="route_by"):

@@ -386,6 +386,9 @@ def _hf_config(config: ModelConfig, expert_capacity: int | None) -> dict:
   if moe.router != "tokens_choose" or moe.top_k != 1:
     raise ValueError(f"export_hf: router={moe.router!r}, top_k={moe.top_k}: transformers' SwitchTransformers "
                      "routes each token to its top-1 expert only.")
+  if moe.route_by != "token":
+    raise ValueError(f"export_hf: MoeConfig.route_by={moe.route_by!r}: transformers' SwitchTransformers routes each "
+                     "token by its own input; `switchx extract` a task first, or keep the switchx format.")
   if config.expert_d_ff != config.d_ff:
     raise ValueError(f"export_hf: MoeConfig.expert_d_ff={moe.expert_d_ff} differs from d_ff={config.d_ff}; "
                      "transformers' experts use d_ff.")
