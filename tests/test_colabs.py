@@ -44,3 +44,17 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
   assert images, f"{path.name}: every notebook draws its results"
   print(f"{path.name}: {time.perf_counter() - started:.0f} s")
+
+
+def test_install_cell_fetches_the_repository_on_a_clean_runtime(tmp_path):
+  """Outside a checkout the install cell clones the repository (here: this checkout, by path, as git clones a
+  URL) and finds the package in the clone; the pip step then installs what `make` installs (`pip install .`)."""
+  import subprocess
+  import sys
+  source = nbformat.read(NOTEBOOKS[0], as_version=4).cells[1].source
+  assert "git\", \"clone\"" in source and "\"pip\", \"install\"" in source
+  source = source.replace('REPOSITORY = "https://github.com/switchx/switchx"', f"REPOSITORY = {str(ROOT)!r}")
+  script = source + "\nassert (ROOT / 'switchx' / '__init__.py').is_file() and ROOT.parent == pathlib.Path.cwd()\n"
+  result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / "switchx" / "setup.py").is_file()
