@@ -88,8 +88,12 @@ def hf_model(config: ModelConfig, expert_capacity: int):
   return model
 
 
-def hf_step(config: ModelConfig, host_batch: dict, expert_capacity: int):
-  """transformers' training step: forward with labels (+ router losses), backward, torch AdamW."""
+def hf_step(config: ModelConfig, host_batch: dict, expert_capacity: int, autocast: bool = False):
+  """transformers' training step: forward with labels (+ router losses), backward, torch AdamW. autocast: the
+  forward under torch.autocast("cpu", bfloat16) (float32 weights and optimizer; matmuls in bfloat16), what a
+  PyTorch user with bfloat16 hardware runs."""
+  import contextlib
+
   import torch
   model = hf_model(config, expert_capacity)
   model.train()
@@ -102,7 +106,8 @@ def hf_step(config: ModelConfig, host_batch: dict, expert_capacity: int):
   def step():
     optimizer.zero_grad(set_to_none=True)
     kwargs = {"output_router_logits": True} if router else {}
-    loss = model(input_ids=inputs, decoder_input_ids=decoder_inputs, labels=labels, **kwargs).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+      loss = model(input_ids=inputs, decoder_input_ids=decoder_inputs, labels=labels, **kwargs).loss
     loss.backward()
     optimizer.step()
 
@@ -120,7 +125,8 @@ def decode_programs(config: ModelConfig, encoder_tokens: np.ndarray, max_new_tok
   exported to transformers with export_hf) for `max_new_tokens` tokens per row, with their KV caches.
   "switchx" decodes from the float32 parameters (cast to the model's dtype inside each call); where that dtype
   is not float32, "switchx serving" also decodes from decode.serving_params (the weights cast once, before
-  timing, as `switchx decode` does). transformers is told not to stop early (min_new_tokens); switchx stops only
+  timing, as `switchx decode` does). transformers decodes in float32 and under bfloat16 autocast ("transformers
+  autocast"). transformers is told not to stop early (min_new_tokens); switchx stops only
   when every row has produced EOS, which a random model does not do (the benchmark checks the tokens it
   produced: produced[name] after a step has run)."""
   import torch
@@ -147,16 +153,18 @@ def decode_programs(config: ModelConfig, encoder_tokens: np.ndarray, max_new_tok
       produced[name] = np.asarray(jax.block_until_ready(result.tokens))
     return step
 
-  def hf():
-    with torch.no_grad():
-      produced["transformers"] = theirs.generate(input_ids=inputs, attention_mask=mask, do_sample=False,
-                                                 num_beams=1, max_new_tokens=max_new_tokens,
-                                                 min_new_tokens=max_new_tokens).numpy()
+  def hf(name, autocast):
+    def step():
+      with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        produced[name] = theirs.generate(input_ids=inputs, attention_mask=mask, do_sample=False, num_beams=1,
+                                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens).numpy()
+    return step
 
   steps = {"switchx": ours("switchx", params)}
   if config.dtype != "float32":
     steps["switchx serving"] = ours("switchx serving", decode.serving_params(config, params))
-  return steps | {"transformers": hf}, produced
+  return steps | {"transformers": hf("transformers", False),
+                  "transformers autocast": hf("transformers autocast", True)}, produced
 
 
 # --- a phase profile: where a training step's time goes --------------------------------------------------------

@@ -14,6 +14,10 @@ def test_benchmarks_quick(tmp_path):
   assert payload["meta"]["bandwidth_gbs"] > 0
   one = [r for r in results if r["case"] == 1][0]
   assert one["switchx_tokens_per_s"] > 0 and one["transformers_tokens_per_s"] > 0 and one["speedup"] > 0
+  # transformers in both settings; the headline ratio is against the faster one (the smaller of the two ratios
+  # up to the rounding of a median of ratios)
+  assert one["transformers_autocast_tokens_per_s"] > 0 and one["baseline"] in ("float32", "autocast")
+  assert one["speedup"] == (one["speedup_vs_autocast"] if one["baseline"] == "autocast" else one["speedup_vs_float32"])
   three = {r["moments"]: r for r in results if r["case"] == 3}
   for r in three.values():
     assert r["floor_ratio"] > 1 and r["peak_bytes_per_param"] > 0 and r["xla_temp_bytes_per_param"] > 0
@@ -26,6 +30,7 @@ def test_benchmarks_quick(tmp_path):
   assert set(four) == ({"float32"} if payload["meta"]["dtype"] == "float32" else {"float32", "serving_params"})
   for r in four.values():
     assert r["switchx_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0
+    assert r["transformers_autocast_tokens_per_s"] > 0 and "times" in r and len(r["times"]) == 3
     assert r["token_agreement"] > 0.5   # same weights, greedy: the two decoders mostly pick the same tokens
   five = [r for r in results if r["case"] == 5][0]
   assert all(ms > 0 for ms in five["ms"].values()) and len(five["ms"]) == 6   # 3 phases x 2 frameworks
