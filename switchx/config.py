@@ -19,7 +19,7 @@ ROUTERS = ("tokens_choose", "experts_choose")
 # so a task's sub-network can be extracted, switchx/extract.py).
 ROUTE_BY = ("token", "task")
 SECOND_EXPERT_POLICIES = ("all", "random")
-DISPATCH = ("einsum", "index", "dropless")
+DISPATCH = ("einsum", "index", "dropless", "ragged")
 # "switch": the original Switch / t5x routing (groups of up to group_size tokens across the batch, capacity from
 # the factors, padding never routed, per-layer losses). "transformers": Hugging Face transformers'
 # SwitchTransformers (one group per sequence, fixed expert_capacity, padding routed, its router losses over a
@@ -82,8 +82,9 @@ class MoeConfig:
   min_capacity: int = 4
   expert_capacity: int | None = None     # a fixed capacity that overrides the factors (transformers' style)
   jitter_noise: float = 0.0              # multiplicative uniform noise on the router input, training only
-  dispatch: str = "einsum"               # "einsum" (one-hot masks), "index" (gather / scatter) or "dropless"
-                                         # (no capacity: tokens sorted by expert into blocks; tokens_choose)
+  dispatch: str = "einsum"               # "einsum" (one-hot masks), "index" (gather / scatter), "dropless"
+                                         # (no capacity: tokens sorted by expert into blocks; tokens_choose) or
+                                         # "ragged" (no capacity: grouped matmuls, jax.lax.ragged_dot; tokens_choose)
   expert_dropout_rate: float | None = None  # dropout inside experts; None: the model's dropout_rate
   expert_d_ff: int | None = None         # hidden size of each expert; None: the model's d_ff
   expert_dtype: str = "auto"             # the experts' compute dtype; "auto": the model's dtype, but float32
@@ -156,9 +157,9 @@ class MoeConfig:
       _fail(own, "jitter_noise", self.jitter_noise, "must be in [0, 1).")
     if self.dispatch not in DISPATCH:
       _fail(own, "dispatch", self.dispatch, f"choose one of {DISPATCH}.")
-    if self.dispatch == "dropless" and (self.router != "tokens_choose" or self.semantics != "switch"):
+    if self.dispatch in ("dropless", "ragged") and (self.router != "tokens_choose" or self.semantics != "switch"):
       _fail(own, "dispatch", self.dispatch,
-            "dropless dispatch sends every token to its top-k experts (router='tokens_choose', "
+            f"{self.dispatch} dispatch sends every token to its top-k experts (router='tokens_choose', "
             "semantics='switch'); experts_choose and transformers' fixed capacity need 'einsum' or 'index'.")
     if self.expert_dropout_rate is not None and not 0 <= self.expert_dropout_rate < 1:
       _fail(own, "expert_dropout_rate", self.expert_dropout_rate, "must be in [0, 1) or None.")

@@ -292,11 +292,65 @@ def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case)
     assert expert_inputs.shape == (experts, 2, 2 * length, D_MODEL)
 
 
+@pytest.mark.parametrize("case", [
+    dict(top_k=1, experts=4, activation="relu", skew=0.0, parts=1),
+    dict(top_k=2, experts=8, activation="gated-gelu", skew=0.0, parts=1),
+    dict(top_k=1, experts=4, activation="relu", skew=3.0, parts=1),               # most tokens on one expert
+    dict(top_k=2, experts=4, activation="relu", skew=0.0, parts=2),               # 2 batch shards
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_ragged_equals_the_oracle_without_drops_in_outputs_and_gradients(case):
+  """dispatch='ragged' (grouped matmuls, jax.lax.ragged_dot) == the naive oracle with nothing dropped, and == the
+  einsum path with a capacity that holds a whole group, in outputs and in every gradient; padding gets 0."""
+  k, experts, activation, length = case["top_k"], case["experts"], case["activation"], 32
+  x, mask = random_inputs(9, batch=4, length=length)
+  x = x.at[..., 0].add(case["skew"])
+  configs = {d: layer_config(activation, num_experts=experts, top_k=k, group_size=2 * length, dispatch=d,
+                             train_capacity_factor=0.0, eval_capacity_factor=0.0,
+                             num_group_partitions=case["parts"]) for d in ("einsum", "ragged")}
+  params = init_layer(configs["ragged"], x)
+  params["router"] = params["router"].at[0].add(case["skew"])
+
+  def loss(config, params, x):
+    y, aux, _ = run_layer(config, params, x, mask)
+    return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"] + aux["router_z_loss"], (y, aux)
+
+  results = {d: jax.value_and_grad(functools.partial(loss, c), argnums=(0, 1), has_aux=True)(params, x)
+             for d, c in configs.items()}
+  (_, (y, aux)), grads = results["ragged"]
+  (_, (y_ref, _)), grads_ref = results["einsum"]
+  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  expected, _ = oracle_moe(np.asarray(x, np.float64).reshape(-1, D_MODEL), np.asarray(mask).reshape(-1),
+                           {"router": p64["router"], **p64["experts"]}, activation=activation, num_groups=2, k=k,
+                           cf=0.0)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), expected, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-6)
+  assert (np.asarray(y).reshape(-1, D_MODEL)[~np.asarray(mask).reshape(-1)] == 0).all()
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  expert_inputs = run_layer(configs["ragged"], params, x, mask)[2]["expert_inputs"][0]
+  assert expert_inputs.shape == (case["parts"], 1, 4 * length * k // case["parts"], D_MODEL)   # no padding rows
+
+
+def test_sorted_rows_runs_each_experts_choices_in_sequence_order_unrouted_last():
+  from switchx.moe.dispatch import sorted_rows
+  from switchx.moe.routing import TokenChoice
+  expert = jnp.asarray([[[2], [0], [2], [1], [0]]], jnp.int32)                  # [G=1, S=5, K=1]
+  routed = jnp.asarray([[[True], [True], [False], [True], [True]]])
+  decision = TokenChoice(expert_index=expert, slot=jnp.zeros_like(expert), gate=jnp.arange(5.0).reshape(1, 5, 1),
+                         routed=routed, kept=routed)
+  slot_token, slot_gate, sizes = sorted_rows(decision, 3)
+  assert sizes.tolist() == [2, 1, 1]
+  assert slot_token.tolist() == [1, 4, 3, 0, 5]                                 # expert 0: 1, 4; 1: 3; 2: 0; empty
+  assert slot_gate.tolist() == [1.0, 4.0, 3.0, 0.0, 0.0]
+
+
 def test_dropless_config_errors():
   with pytest.raises(ValueError, match="dropless"):
     MoeConfig(dispatch="dropless", router="experts_choose")
   with pytest.raises(ValueError, match="dropless"):
     MoeConfig(dispatch="dropless", semantics="transformers", expert_capacity=4)
+  with pytest.raises(ValueError, match="ragged"):
+    MoeConfig(dispatch="ragged", router="experts_choose")
 
 
 # --- the expert matmul's hand-written backward -----------------------------------------------------------
@@ -378,7 +432,7 @@ def test_layer_losses_from_raw_logits_and_model_sum():
   assert float(aux["expert_usage"].sum()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "index", "dropless"])
+@pytest.mark.parametrize("dispatch", ["einsum", "index", "dropless", "ragged"])
 def test_bfloat16_model_routes_in_float32_and_differentiates(dispatch):
   config = layer_config(dtype="bfloat16", dispatch=dispatch)
   x, mask = random_inputs(4, batch=4, length=64)   # 256 tokens, 4 experts: dropless runs in blocks
@@ -581,7 +635,7 @@ def test_shared_expert_adds_its_gated_dense_ffn_to_the_routed_output():
 def test_every_dispatch_path_gives_the_same_answer_with_a_shared_expert(top_k):
   x, mask = random_inputs(4, batch=2, length=8)
   results = []
-  for dispatch in ("einsum", "index", "dropless"):
+  for dispatch in ("einsum", "index", "dropless", "ragged"):
     config = layer_config(shared_expert_d_ff=8, top_k=top_k, normalize_gates=True, eval_capacity_factor=0.0,
                           group_size=16, dispatch=dispatch)
     params = init_layer(config, x, seed=1)

@@ -12,8 +12,11 @@ Paths (the same answer where nothing is dropped; tests/test_moe.py checks each a
               (sorted_blocks); gather, each block through its expert's weights, scatter-add. Nothing dropped.
   EveryToken  dropless where blocks do not pay (a decoding step): every expert computes every token of its
               group, combined by gates [G, S, E] (0: not routed)
-Both routing decisions (tokens choose, experts choose) convert to the Einsum and Index forms; Blocks and
-EveryToken take tokens-choose decisions (MoeConfig checks).
+  Ragged      dropless by grouped matmuls: each batch shard's routed choices sorted by expert into one run of
+              rows per expert ([P, T*K/P, D], no padding), group_sizes [P, E]; the experts multiply each run by
+              its expert's weights with jax.lax.ragged_dot (a grouped GEMM on GPUs; no weights gathered)
+Both routing decisions (tokens choose, experts choose) convert to the Einsum and Index forms; Blocks,
+EveryToken and Ragged take tokens-choose decisions (MoeConfig checks).
 """
 
 from __future__ import annotations
@@ -40,12 +43,15 @@ WEIGHT_PASS = 20
 
 class Dispatcher(Protocol):
   block_expert: jax.Array | None        # [P*N]: the expert of each block (Blocks only)
+  group_sizes: jax.Array | None         # [P, E]: rows of each expert in each shard's sorted run (Ragged only)
   def dispatch(self, tokens: jax.Array) -> jax.Array: ...     # [G, S, D] -> expert inputs
   def combine(self, expert_out: jax.Array) -> jax.Array: ...  # expert outputs -> [G, S, D]
 
 
 def capacity_and_block(moe: MoeConfig, num_groups: int, group_size: int, train: bool) -> tuple[int, int]:
   """(C, b): the expert capacity, and the dropless block size (0: not sorted blocks)."""
+  if moe.dispatch == "ragged":
+    return moe.max_slots_per_expert(group_size), 0
   if moe.dispatch != "dropless":
     return moe.capacity(group_size, train=train), 0
   tokens_per_shard = num_groups * group_size // moe.num_group_partitions
@@ -55,6 +61,8 @@ def capacity_and_block(moe: MoeConfig, num_groups: int, group_size: int, train: 
 def make_dispatcher(moe: MoeConfig, decision, *, group_size: int, capacity: int, block: int, dtype) -> Dispatcher:
   """The dispatcher of moe.dispatch for one routing decision (tokens [G, S, D], S = group_size)."""
   num_experts = moe.num_experts
+  if moe.dispatch == "ragged":
+    return Ragged.sort(decision, num_experts, moe.num_group_partitions, dtype)
   if block:
     return Blocks.sort(decision, num_experts, block, moe.num_group_partitions, dtype)
   if moe.dispatch == "dropless":
@@ -74,6 +82,7 @@ class Einsum:
   combine_weights: jax.Array   # [G, S, E, C] float32
   dtype: Any
   block_expert = None
+  group_sizes = None
 
   def dispatch(self, tokens):
     # Group-major dots, transposed outside: XLA's CPU backend rejects bf16 x bf16 -> f32 dots whose batch
@@ -93,6 +102,7 @@ class Index:
   group_size: int              # S
   dtype: Any
   block_expert = None
+  group_sizes = None
 
   def dispatch(self, tokens):
     padded = jnp.pad(tokens, ((0, 0), (0, 1), (0, 0)))                     # [G, S+1, D]; row S: empty slot
@@ -110,6 +120,7 @@ class EveryToken:
   gates: jax.Array             # [G, S, E] float32: each token's gate per expert, 0 where not routed
   dtype: Any
   block_expert = None
+  group_sizes = None
 
   @classmethod
   def of(cls, decision: TokenChoice, num_experts: int, dtype) -> "EveryToken":
@@ -126,6 +137,51 @@ class EveryToken:
 
 
 @dataclasses.dataclass(frozen=True)
+class Ragged:
+  slot_token: jax.Array        # [P, M] int32 (M = G*S*K/P): index into the shard's G*S/P tokens; G*S/P = empty
+  slot_gate: jax.Array         # [P, M] float32
+  group_sizes: jax.Array       # [P, E] int32: expert e's rows follow expert e-1's; unrouted choices come last
+  num_groups: int              # G
+  shard_tokens: int            # G*S/P
+  dtype: Any
+  block_expert = None
+
+  @classmethod
+  def sort(cls, decision: TokenChoice, num_experts: int, parts: int, dtype) -> "Ragged":
+    """Each of the P batch shards sorts its own G/P groups' choices: no token crosses shards."""
+    shards = jax.tree_util.tree_map(lambda a: a.reshape((parts, -1) + a.shape[1:]), decision)
+    slot_token, slot_gate, group_sizes = jax.vmap(lambda d: sorted_rows(d, num_experts))(shards)
+    num_groups, group_size = decision.expert_index.shape[:2]
+    return cls(slot_token, slot_gate, group_sizes, num_groups, num_groups * group_size // parts, dtype)
+
+  def dispatch(self, tokens):
+    parts, d_model = self.slot_token.shape[0], tokens.shape[-1]
+    flat = jnp.pad(tokens.reshape(parts, -1, d_model), ((0, 0), (0, 1), (0, 0)))  # [P, G*S/P+1, D]; +1: empty
+    expert_in = jax.vmap(lambda rows, idx: rows[idx])(flat, self.slot_token)     # [P, M, D]
+    return nn.with_logical_constraint(expert_in, (BATCH, None, EMBED))[:, None]  # [P, 1, M, D]
+
+  def combine(self, expert_out):
+    weighted = expert_out[:, 0].astype(jnp.float32) * self.slot_gate[..., None]   # [P, M, D]
+    weighted = nn.with_logical_constraint(weighted, (BATCH, None, EMBED))
+    y = jax.vmap(_scatter_add, in_axes=(0, 0, None))(self.slot_token, weighted, self.shard_tokens)  # [P, G*S/P, D]
+    return y.reshape(self.num_groups, -1, y.shape[-1]).astype(self.dtype)          # [G, S, D]
+
+
+def sorted_rows(decision: TokenChoice, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Every routed choice sorted by expert (stable: sequence order within an expert), unrouted ones last.
+  -> slot_token [T*K] (index into the T = G*S tokens; T = empty), slot_gate [T*K], group_sizes [E]."""
+  num_groups, group_size, k = decision.expert_index.shape
+  num_tokens = num_groups * group_size
+  expert = jnp.where(decision.routed, decision.expert_index, num_experts).reshape(-1)   # [T*K], E: unrouted
+  order = jnp.argsort(expert, stable=True).astype(jnp.int32)                          # [T*K]
+  group_sizes = jnp.zeros(num_experts + 1, jnp.int32).at[expert].add(1)[:num_experts]  # [E]
+  filled = expert[order] < num_experts
+  slot_token = jnp.where(filled, order // k, num_tokens)
+  slot_gate = jnp.where(filled, decision.gate.reshape(-1)[order], 0.0)
+  return slot_token, slot_gate, group_sizes
+
+
+@dataclasses.dataclass(frozen=True)
 class Blocks:
   slot_token: jax.Array        # [P, N, b] int32: index into the shard's G*S/P tokens; G*S/P = empty slot
   slot_gate: jax.Array         # [P, N, b] float32
@@ -133,6 +189,7 @@ class Blocks:
   num_groups: int              # G
   shard_tokens: int            # G*S/P
   dtype: Any
+  group_sizes = None
 
   @classmethod
   def sort(cls, decision: TokenChoice, num_experts: int, block: int, parts: int, dtype) -> "Blocks":

@@ -2,6 +2,7 @@
 
     x [E, G, C, D] -> [E, G*C, D] -> wi [E, D, F] -> act -> dropout -> wo [E, F, D] -> [E, G, C, D]
     dropless blocks: x [N, 1, b, D], block n through expert block_expert[n]'s weights (gathered: [N, D, F])
+    ragged: x [P, 1, M, D], each shard's rows sorted by expert, jax.lax.ragged_dot with group_sizes [P, E]
 
 Weights are float32; products run in `expert_compute_dtype` (float32 accumulation); activations enter and leave
 in the model's dtype. The measurements behind both: benchmarks/README.md ("Why the code is shaped this way").
@@ -88,18 +89,24 @@ class Experts(nn.Module):
   expert_dtype: str = "auto"              # MoeConfig.expert_dtype, resolved by expert_compute_dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool, block_expert: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool, block_expert: jax.Array | None = None,
+               group_sizes: jax.Array | None = None) -> jax.Array:
     """x [E, G, C, D] -> [E, G, C, D]; with block_expert [N] (dropless), x [N, 1, b, D] -> [N, 1, b, D]:
-    block n goes through expert block_expert[n]."""
+    block n goes through expert block_expert[n]; with group_sizes [P, E] (ragged), x [P, 1, M, D] -> the same:
+    shard p's rows run expert by expert, group_sizes[p, e] of them for expert e (jax.lax.ragged_dot)."""
     rows, num_groups, capacity, d_model = x.shape
     in_dtype = x.dtype
-    dtype = expert_compute_dtype(self.expert_dtype, self.dtype, num_groups * capacity, train=not deterministic)
+    per_expert = num_groups * capacity if group_sizes is None else capacity // self.num_experts
+    dtype = expert_compute_dtype(self.expert_dtype, self.dtype, per_expert, train=not deterministic)
     act, gated = activation_fn(self.activation)
     init = t5_kernel_init(self.init_scale, num_in=1, num_out=1, num_batch=1)  # fan_in per expert
 
     def kernel(name, shape, axes):
       w = self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
       return w if block_expert is None else jnp.take(w, block_expert, axis=0)  # [N, ...]: one per block
+
+    if group_sizes is not None:
+      return self._ragged(x, kernel, group_sizes, dtype, deterministic).astype(in_dtype)
 
     wi_shape, wi_axes = (self.num_experts, d_model, self.d_ff), (EXPERT, EMBED, EXPERT_MLP)
     x = x.reshape(rows, num_groups * capacity, d_model)                        # [E, G*C, D]
@@ -114,3 +121,24 @@ class Experts(nn.Module):
     wo = kernel("wo", (self.num_experts, self.d_ff, d_model), (EXPERT, EXPERT_MLP, EMBED))
     out = expert_matmul(h, wo, dtype)                                          # [E, G*C, D]
     return out.reshape(rows, num_groups, capacity, d_model).astype(in_dtype)
+
+  def _ragged(self, x, kernel, group_sizes, dtype, deterministic):
+    """x [P, 1, M, D]: each shard's rows sorted by expert -> [P, 1, M, D], by grouped matmuls (float32
+    accumulation); rows past the shard's routed choices come out zero."""
+    act, gated = activation_fn(self.activation)
+    d_model = x.shape[-1]
+    rows = x[:, 0].astype(dtype)                                              # [P, M, D]
+
+    def grouped(lhs, w):                                                      # [P, M, I] x [E, I, O] -> [P, M, O]
+      w = w.astype(dtype)                # a loop over the P shards: ragged_dot's transpose does not vmap
+      return jnp.stack([jax.lax.ragged_dot(lhs[p], w, group_sizes[p], preferred_element_type=jnp.float32)
+                        for p in range(lhs.shape[0])])
+
+    wi_shape, wi_axes = (self.num_experts, d_model, self.d_ff), (EXPERT, EMBED, EXPERT_MLP)
+    if gated:
+      h = act(grouped(rows, kernel("wi_0", wi_shape, wi_axes))) * grouped(rows, kernel("wi_1", wi_shape, wi_axes))
+    else:
+      h = act(grouped(rows, kernel("wi", wi_shape, wi_axes)))                 # [P, M, F] float32
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic).astype(dtype)
+    wo = kernel("wo", (self.num_experts, self.d_ff, d_model), (EXPERT, EXPERT_MLP, EMBED))
+    return grouped(h, wo)[:, None]                                            # [P, 1, M, D]

@@ -6,7 +6,7 @@ C capacity (slots per expert per group), K experts per token, D d_model, F exper
     x [B, L, D] -> tokens [G, S, D]                  group_shape (below)
     routing = Router(tokens)                         moe/routing.py: float32 logits [G, S, E], a decision
                                                      (route_by="task": logits from each token's task id)
-    expert_in = dispatcher.dispatch(tokens)          moe/dispatch.py: [E, G, C, D] (einsum, index, dropless)
+    expert_in = dispatcher.dispatch(tokens)          moe/dispatch.py: [E, G, C, D] (einsum, index, dropless, ragged)
     expert_out = Experts(expert_in)                  moe/experts.py: [E, G, C, D]
     y = dispatcher.combine(expert_out) -> [B, L, D]  a token with no expert slot gets exactly zero (the
                                                      residual carries it)
@@ -100,7 +100,7 @@ class MoeLayer(nn.Module):
                                  dtype=dtype)
     expert_in = dispatcher.dispatch(tokens)                                    # [E, G, C, D] (blocks: [N, 1, b, D])
     self.sow("intermediates", "expert_inputs", expert_in)
-    expert_out = self.experts(expert_in, not train, dispatcher.block_expert)   # same shape
+    expert_out = self.experts(expert_in, not train, dispatcher.block_expert, dispatcher.group_sizes)  # same shape
     y = dispatcher.combine(expert_out)                                         # [G, S, D]
     y = nn.with_logical_constraint(y, (BATCH, UNMODELED, EMBED)).reshape(batch, length, d_model)
     if moe.shared_expert_d_ff:                                                 # beside the routed experts

@@ -39,7 +39,8 @@ def activation_estimate(config: ModelConfig, train: TrainConfig, mesh_shape: dic
   hidden units (2x for gated activations) split over 'model', and attention probabilities (heads split over
   'model'); sparse layers add the dispatch and combine tensors [G, S, E, C] (the einsum path's O(S * E * C)
   cost) and the experts' hidden units for the k * capacity-factor slots of each token (dropless: for the
-  slots of its blocks, plus the weights gathered for each block). Logits [B, L, V] once.
+  slots of its blocks, plus the weights gathered for each block; ragged: each token's k rows). Logits [B, L, V]
+  once.
   """
   model_ways = mesh_shape["model"]
   batch_ways = mesh_shape["data"] * mesh_shape["expert"]
@@ -59,6 +60,8 @@ def activation_estimate(config: ModelConfig, train: TrainConfig, mesh_shape: dic
       gathered = blocks * config.d_model * config.expert_d_ff * (hidden + 1) * 4 / act_bytes  # float32 weights
       per_token += blocks * block / max(tokens, 1) * (config.expert_d_ff * hidden // model_ways + config.d_model)
       per_token += gathered / max(tokens, 1)
+    elif sparse and moe.dispatch == "ragged":    # each token's k rows, sorted by expert: no padding, no gather
+      per_token += moe.top_k * (config.expert_d_ff * hidden // model_ways + config.d_model)
     elif sparse and moe.dispatch == "dropless":  # few tokens per expert: a slot for each token of the group
       per_token += moe.num_experts * (config.expert_d_ff * hidden // model_ways + config.d_model)
     elif sparse:

@@ -140,8 +140,8 @@ def build(config: ModelConfig, train_config: TrainConfig, partitioner: Partition
   config = config.replace(moe=moe)
   partitioner.check_batch(train_config.batch_size)
   expert_ways = dict(partitioner.mesh.shape).get("expert", 1)
-  if config.is_sparse and moe.dispatch == "dropless" and expert_ways > 1:
-    raise ValueError(f"MoeConfig.dispatch='dropless' gathers each block's expert weights, which the mesh splits "
+  if config.is_sparse and moe.dispatch in ("dropless", "ragged") and expert_ways > 1:
+    raise ValueError(f"MoeConfig.dispatch={moe.dispatch!r} reads whole expert weights, which the mesh splits "
                      f"over 'expert' ({expert_ways} ways): every step would all-gather them. Use dispatch='einsum' or "
                      "'index' with expert parallelism, or a mesh with expert=1.")
   model = DecoderOnly(config) if isinstance(config, DecoderOnlyConfig) else EncoderDecoder(config)
