@@ -38,3 +38,18 @@ def test_benchmarks_quick(tmp_path):
   assert six["adamw_ms"] > 0 and six["sgd_ms"] > 0 and six["extra_floor_ms"] > 0
   assert (tmp_path / "case3_scaling.png").stat().st_size > 0
   assert "Case 1" in (tmp_path / "bench.md").read_text()
+
+
+def test_gpu_benchmark_quick(tmp_path):
+  """benchmarks.gpu runs on a CPU in --quick mode: Switch-Base-8 and its dense twin (same shapes, no experts), each
+  dispatch path, decoding; MFU is left out where the device's peak is unknown (a CPU)."""
+  from benchmarks import gpu
+  rows = gpu.main(["--quick", "--out", str(tmp_path), "--peak_tflops", "1"])
+  train = [r for r in rows if r["name"] != "decode"]
+  assert [r["dispatch"] for r in train] == ["einsum", "-", "index", "ragged"]
+  assert train[1]["experts"] == 0 and train[1]["train_flops_per_token"] < train[0]["train_flops_per_token"] * 1.01
+  for r in train:   # MFU = training FLOPs per token x tokens/s / peak (1 TFLOP/s given)
+    assert r["tokens_per_s"] > 0 and r["mfu"] == pytest.approx(r["train_flops_per_token"] * r["tokens_per_s"] / 1e12)
+  assert rows[-1]["name"] == "decode" and rows[-1]["tokens_per_s"] > 0
+  assert "Switch-Base-8 / dense step time" in (tmp_path / "gpu.md").read_text()
+  assert gpu.peak_flops(0.0) is None          # a CPU: no known peak, so no MFU
