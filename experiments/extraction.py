@@ -150,25 +150,16 @@ def report(rows: list[dict], trained: list[dict], args) -> dict:
 
 
 def _plot(path: Path, summary: dict, labels) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   tasks = list(dict.fromkeys(k.split("/")[0] for k in summary))
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = serving.axes()
   width = 0.8 / len(labels)
   for i, label in enumerate(labels):
     values = [summary[f"{t}/{label}"]["loss"] for t in tasks]
     ax.bar(np.arange(len(tasks)) + i * width, [v[0] for v in values], width, yerr=[v[1] for v in values], capsize=3,
            label=f"{label} ({summary[f'{tasks[0]}/{label}']['expert_params']:,} expert params)")
   ax.set_xticks(np.arange(len(tasks)) + width, tasks)
-  ax.set_ylabel("held-out loss (validation)")
-  ax.set_title("Task routing: full model vs each task's extracted sub-network")
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  serving.save_plot(fig, ax, path, "task", "held-out loss (validation)",
+                    "Task routing: full model vs each task's extracted sub-network", legend_size=8)
 
 
 if __name__ == "__main__":

@@ -99,25 +99,14 @@ def report(rows: dict, dense: list[float] | None, trained: list[dict], args) -> 
 
 
 def _plot(path: Path, summary: dict, dense: dict | None) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = serving.axes()
   counts = sorted(summary)
   ax.errorbar(counts, [summary[c]["loss"] for c in counts], yerr=[summary[c]["spread"] for c in counts], marker="o",
               capsize=3, label="Switch, experts merged")
   if dense:
     ax.axhline(dense["loss"], color="gray", linestyle="--", label="dense model (same regime)")
     ax.axhspan(dense["loss"] - dense["spread"], dense["loss"] + dense["spread"], color="gray", alpha=0.15)
-  ax.set_xlabel("experts served (E')")
-  ax.set_ylabel("held-out loss")
-  ax.set_title("Merging a trained Switch model's experts")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  serving.save_plot(fig, ax, path, "experts served (E')", "held-out loss", "Merging a trained Switch model's experts")
 
 
 if __name__ == "__main__":

@@ -83,10 +83,7 @@ def report(rows: dict, trained: list[dict], args) -> dict:
 
 
 def _plot(path: Path, summary: dict) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = serving.axes()
   for method, marker in (("rtn", "o"), ("gptq", "s"), ("none", "*")):
     points = [(s["expert_bits_per_param"], s["delta"], s["delta_spread"]) for s in summary.values()
               if s["runs"][0]["method"] == method]
@@ -95,15 +92,8 @@ def _plot(path: Path, summary: dict) -> None:
       ax.errorbar(x, y, yerr=e, marker=marker, capsize=3, label={"rtn": "round to nearest", "gptq": "GPTQ",
                                                                   "none": "float32"}[method])
   ax.set_xscale("log", base=2)
-  ax.set_xlabel("expert bits per parameter (codes + scales)")
-  ax.set_ylabel("held-out loss change vs float32")
-  ax.set_title("Quantizing a trained Switch-8's experts")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  serving.save_plot(fig, ax, path, "expert bits per parameter (codes + scales)", "held-out loss change vs float32",
+                    "Quantizing a trained Switch-8's experts")
 
 
 if __name__ == "__main__":

@@ -129,3 +129,24 @@ def expert_params(params) -> int:
 
 def mean_spread(values) -> tuple[float, float]:
   return common.mean_spread(list(values))
+
+
+def axes(size=(6.5, 4)):
+  """(figure, axes) for one of the serving plots (matplotlib without a display)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt.subplots(figsize=size)
+
+
+def save_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size=None) -> None:
+  import matplotlib.pyplot as plt
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=legend_size)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

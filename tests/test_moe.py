@@ -242,6 +242,38 @@ def test_dropless_blocks_hold_every_routed_choice_once_each_block_one_expert(p, 
   assert served == expected
 
 
+def _dropless_against_references(dispatch, case, length, seed):
+  """Runs a `dispatch` layer with nothing dropped beside the einsum path (capacity = a whole group) and the naive
+  float64 oracle, asserting outputs and gradients agree. -> (aux, oracle's kept mask, x, mask, config, params)."""
+  k, experts, activation = case["top_k"], case["experts"], case["activation"]
+  x, mask = random_inputs(seed, batch=4, length=length)
+  x = x.at[..., 0].add(case["skew"])                                 # a biased input skews the routing
+  configs = {d: layer_config(activation, num_experts=experts, top_k=k, group_size=2 * length, dispatch=d,
+                             train_capacity_factor=0.0, eval_capacity_factor=0.0,
+                             num_group_partitions=case.get("parts", 1)) for d in ("einsum", dispatch)}
+  params = init_layer(configs[dispatch], x)
+  params["router"] = params["router"].at[0].add(case["skew"])
+
+  def loss(config, params, x):
+    y, aux, _ = run_layer(config, params, x, mask)
+    return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"] + aux["router_z_loss"], (y, aux)
+
+  results = {d: jax.value_and_grad(functools.partial(loss, c), argnums=(0, 1), has_aux=True)(params, x)
+             for d, c in configs.items()}
+  (_, (y, aux)), grads = results[dispatch]
+  (_, (y_ref, _)), grads_ref = results["einsum"]
+  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  expected, kept = oracle_moe(np.asarray(x, np.float64).reshape(-1, D_MODEL), np.asarray(mask).reshape(-1),
+                              {"router": p64["router"], **p64["experts"]}, activation=activation, num_groups=2,
+                              k=k, cf=0.0)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), expected, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-6)
+  assert (np.asarray(y).reshape(-1, D_MODEL)[~np.asarray(mask).reshape(-1)] == 0).all()   # padding: exactly 0
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  return aux, kept, x, mask, configs[dispatch], params
+
+
 @pytest.mark.parametrize("case", [
     dict(top_k=1, experts=4, activation="relu", length=64, skew=0.0, block=64),     # 256 tokens, 64 per expert
     dict(top_k=2, experts=8, activation="gated-gelu", length=64, skew=0.0, block=64),
@@ -253,38 +285,13 @@ def test_dropless_blocks_hold_every_routed_choice_once_each_block_one_expert(p, 
 def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case):
   """dropless == the naive oracle at capacity factor 0 (nothing dropped), and == the einsum path with a
   capacity that holds a whole group, for outputs and for gradients of every parameter and of the input."""
-  k, experts, activation, length = case["top_k"], case["experts"], case["activation"], case["length"]
-  x, mask = random_inputs(7, batch=4, length=length)
-  x = x.at[..., 0].add(case["skew"])                                 # a biased input skews the routing
-  parts = case.get("parts", 1)                                      # each shard lays out its own blocks
-  configs = {d: layer_config(activation, num_experts=experts, top_k=k, group_size=2 * length, dispatch=d,
-                             train_capacity_factor=0.0, eval_capacity_factor=0.0, num_group_partitions=parts)
-             for d in ("einsum", "dropless")}
-  params = init_layer(configs["dropless"], x)
-  params["router"] = params["router"].at[0].add(case["skew"])
-
-  def loss(config, params, x):
-    y, aux, _ = run_layer(config, params, x, mask)
-    return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"] + aux["router_z_loss"], (y, aux)
-
-  results = {d: jax.value_and_grad(functools.partial(loss, c), argnums=(0, 1), has_aux=True)(params, x)
-             for d, c in configs.items()}
-  (_, (y, aux)), grads = results["dropless"]
-  (_, (y_ref, _)), grads_ref = results["einsum"]
-  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
-  expected, kept = oracle_moe(np.asarray(x, np.float64).reshape(-1, D_MODEL), np.asarray(mask).reshape(-1),
-                              {"router": p64["router"], **p64["experts"]}, activation=activation, num_groups=2,
-                              k=k, cf=0.0)
-  np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), expected, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-6)
+  k, experts, length, parts = case["top_k"], case["experts"], case["length"], case.get("parts", 1)
+  aux, kept, x, mask, config, params = _dropless_against_references("dropless", case, length, seed=7)
   assert float(aux["dropped_fraction"]) == 0.0 and kept[np.asarray(mask).reshape(-1)].all()
-  assert (np.asarray(y).reshape(-1, D_MODEL)[~np.asarray(mask).reshape(-1)] == 0).all()   # padding: exactly 0
-  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   if case["skew"]:
     usage = np.asarray(aux["expert_usage"])
     assert usage.max() > 0.6, usage     # the case really is lopsided
-  expert_inputs = run_layer(configs["dropless"], params, x, mask)[2]["expert_inputs"][0]
+  expert_inputs = run_layer(config, params, x, mask)[2]["expert_inputs"][0]
   b, num_tokens = case["block"], 4 * length // parts              # tokens per shard
   if b:                                 # [P*N, 1, b, D]: the blocks, N = (T*K + E*(b-1)) // b per shard
     assert expert_inputs.shape == (parts * ((num_tokens * k + experts * (b - 1)) // b), 1, b, D_MODEL)
@@ -301,34 +308,10 @@ def test_dropless_equals_the_oracle_without_drops_in_outputs_and_gradients(case)
 def test_ragged_equals_the_oracle_without_drops_in_outputs_and_gradients(case):
   """dispatch='ragged' (grouped matmuls, jax.lax.ragged_dot) == the naive oracle with nothing dropped, and == the
   einsum path with a capacity that holds a whole group, in outputs and in every gradient; padding gets 0."""
-  k, experts, activation, length = case["top_k"], case["experts"], case["activation"], 32
-  x, mask = random_inputs(9, batch=4, length=length)
-  x = x.at[..., 0].add(case["skew"])
-  configs = {d: layer_config(activation, num_experts=experts, top_k=k, group_size=2 * length, dispatch=d,
-                             train_capacity_factor=0.0, eval_capacity_factor=0.0,
-                             num_group_partitions=case["parts"]) for d in ("einsum", "ragged")}
-  params = init_layer(configs["ragged"], x)
-  params["router"] = params["router"].at[0].add(case["skew"])
-
-  def loss(config, params, x):
-    y, aux, _ = run_layer(config, params, x, mask)
-    return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"] + aux["router_z_loss"], (y, aux)
-
-  results = {d: jax.value_and_grad(functools.partial(loss, c), argnums=(0, 1), has_aux=True)(params, x)
-             for d, c in configs.items()}
-  (_, (y, aux)), grads = results["ragged"]
-  (_, (y_ref, _)), grads_ref = results["einsum"]
-  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
-  expected, _ = oracle_moe(np.asarray(x, np.float64).reshape(-1, D_MODEL), np.asarray(mask).reshape(-1),
-                           {"router": p64["router"], **p64["experts"]}, activation=activation, num_groups=2, k=k,
-                           cf=0.0)
-  np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), expected, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-6)
-  assert (np.asarray(y).reshape(-1, D_MODEL)[~np.asarray(mask).reshape(-1)] == 0).all()
-  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  expert_inputs = run_layer(configs["ragged"], params, x, mask)[2]["expert_inputs"][0]
-  assert expert_inputs.shape == (case["parts"], 1, 4 * length * k // case["parts"], D_MODEL)   # no padding rows
+  length = 32
+  _, _, x, mask, config, params = _dropless_against_references("ragged", case, length, seed=9)
+  expert_inputs = run_layer(config, params, x, mask)[2]["expert_inputs"][0]
+  assert expert_inputs.shape == (case["parts"], 1, 4 * length * case["top_k"] // case["parts"], D_MODEL)  # no padding
 
 
 def test_sorted_rows_runs_each_experts_choices_in_sequence_order_unrouted_last():
