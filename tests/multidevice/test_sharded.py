@@ -73,12 +73,13 @@ def test_loss_and_gradients_equal_single_device(mesh_shape, reference):
 
 
 
-def test_dropless_data_parallel_equals_single_device(monkeypatch):
-  """Dropless dispatch lays out its blocks within each batch shard; with data and model parallelism (4 x 2) the
-  loss and gradients equal one device's, where all tokens share one layout."""
+@pytest.mark.parametrize("path", ["dropless", "ragged"])
+def test_dropless_data_parallel_equals_single_device(monkeypatch, path):
+  """Dropless dispatch lays out its blocks (ragged: its sorted runs of rows) within each batch shard; with data
+  and model parallelism (4 x 2) the loss and gradients equal one device's, where all tokens share one layout."""
   from switchx.moe import dispatch
   monkeypatch.setattr(dispatch, "WEIGHT_PASS", 0)   # blocks at any load, so every shard runs the block layout
-  config = switch_config(moe=MoeConfig(num_experts=8, group_size=8, dispatch="dropless",
+  config = switch_config(moe=MoeConfig(num_experts=8, group_size=8, dispatch=path,
                                        load_balance_loss_coef=0.01, router_z_loss_coef=1e-3))
   results = []
   for shape in ((1, 1, 1), (4, 1, 2)):
@@ -250,3 +251,26 @@ def test_decoder_only_moe_sharded_equals_one_device_in_loss_and_gradients():
     assert loss == pytest.approx(one[0], rel=1e-6) and dropped == pytest.approx(one[1]), shape
     for a, b in zip(grads, one[2]):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-7)
+
+
+def test_task_routing_sharded_equals_single_device():
+  """Task-level routing (each token's task id picks its router logits): on data x expert x model = 2 x 2 x 2 the
+  loss and gradients, the task table's included, equal one device's."""
+  config = switch_config(moe=MoeConfig(num_experts=8, group_size=8, route_by="task", num_tasks=3,
+                                       train_capacity_factor=0.0, eval_capacity_factor=0.0,
+                                       load_balance_loss_coef=0.01, router_z_loss_coef=1e-3))
+  batch = make_batch()
+  tasks = (np.arange(8) % 3).astype(np.int32)[:, None]                       # three tasks across the rows
+  batch["encoder_task_ids"], batch["decoder_task_ids"] = np.repeat(tasks, 16, 1), np.repeat(tasks, 8, 1)
+  results = []
+  for shape in ((1, 1, 1), (2, 2, 2)):
+    run = build(shape, config)
+    params = run.init(jax.random.PRNGKey(0)).params
+    (loss, _), grads = run.grads(params, run.shard_batch(batch), jax.random.PRNGKey(1))
+    results.append((float(loss), jax.tree_util.tree_flatten_with_path(grads)[0]))
+  (loss_ref, grads_ref), (loss, grads) = results
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  assert any("task_router" in jax.tree_util.keystr(path) for path, _ in grads)
+  for (path, got), (_, ref) in zip(grads, grads_ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-5, atol=2e-7,
+                               err_msg=jax.tree_util.keystr(path))
