@@ -94,7 +94,7 @@ class MoeLayer(nn.Module):
     tokens = nn.with_logical_constraint(tokens, (BATCH, UNMODELED, EMBED))
     mask = token_mask.reshape(num_groups, group_size).astype(bool)             # [G, S]
 
-    tasks = _task_ids(moe, task_ids, batch, length, self.is_initializing()).reshape(num_groups, group_size)  # [G, S]
+    tasks = _task_ids(moe, task_ids, num_groups, group_size, self.is_initializing())   # [G, S] or None
     routing = self.route(tokens, mask, capacity, train, tasks)                 # float32 ("selective precision")
     dispatcher = make_dispatcher(moe, routing.decision, group_size=group_size, capacity=capacity, block=block,
                                  dtype=dtype)
@@ -133,23 +133,23 @@ class MoeLayer(nn.Module):
     return out
 
 
-def _task_ids(moe: MoeConfig, task_ids: jax.Array | None, batch: int, length: int, initializing: bool) -> jax.Array:
-  """Each token's task id [B, L] int32 from per-row [B] or per-token [B, L] ids; zeros when routing by token (and
-  at initialisation, whose shapes do not depend on them)."""
+def _task_ids(moe: MoeConfig, task_ids: jax.Array | None, num_groups: int, group_size: int,
+              initializing: bool) -> jax.Array | None:
+  """Each token's task id [G, S] int32 (route_by="task") from per-row [B] or per-token [B, L] ids, else None.
+  A one-task model (e.g. an extracted sub-network) reads row 0 whatever ids come, as does initialisation, whose
+  shapes do not depend on them."""
   if moe.route_by != "task":
-    return jnp.zeros((batch, length), jnp.int32)
-  if moe.num_tasks == 1:            # one task (e.g. an extracted sub-network): whatever ids come, its row
-    return jnp.zeros((batch, length), jnp.int32)
+    return None
+  if moe.num_tasks == 1 or (task_ids is None and initializing):
+    return jnp.zeros((num_groups, group_size), jnp.int32)
   if task_ids is None:
-    if initializing:
-      return jnp.zeros((batch, length), jnp.int32)
     raise ValueError(f"MoeConfig.route_by='task' with {moe.num_tasks} tasks: the model needs each example's task "
                      "id (encoder_task_ids / decoder_task_ids, which data.tasks.Mixture batches carry, or "
                      "task_ids=... to generate).")
   task_ids = jnp.asarray(task_ids, jnp.int32)
-  if task_ids.ndim == 1:
-    task_ids = task_ids[:, None]
-  return jnp.broadcast_to(task_ids, (batch, length))
+  if task_ids.ndim == 1:                                                     # one id per row: every token of it
+    task_ids = jnp.broadcast_to(task_ids[:, None], (len(task_ids), num_groups * group_size // len(task_ids)))
+  return task_ids.reshape(num_groups, group_size)                            # [B, L] -> [G, S], as the tokens
 
 
 def balance_loss(chosen: jax.Array, probs: jax.Array, real: jax.Array) -> jax.Array:
