@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from switchx.config import DecoderOnlyConfig, ModelConfig, check_vocab, config_from_dict, config_to_dict  # noqa: F401
-from switchx.interop import hf_decoder
+from switchx.interop import hf_decoder, hf_nllb
 from switchx.interop.hf import export_hf, import_hf  # noqa: F401 (re-exported)
 from switchx.interop.native import CONFIG_FILE, PARAMS_FILE, load, save  # noqa: F401 (re-exported)
 from switchx.interop.t5x import import_t5x
@@ -81,6 +81,8 @@ def convert(src: str, dst: str, from_format: str, to_format: str,
     config, params = load(src)
   if to_format == "hf" and isinstance(config, DecoderOnlyConfig):
     hf_decoder.export_dir(config, params, dst)
+  elif to_format == "hf" and config.position_embedding == "sinusoidal":   # NLLB-MoE's architecture
+    hf_nllb.export_dir(config, params, dst)
   elif to_format == "hf":
     export_hf(config, params, dst)
   else:

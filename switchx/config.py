@@ -28,6 +28,8 @@ SEMANTICS = ("switch", "transformers")
 BALANCE_SCOPES = ("group", "sequence", "global")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16")
 QK_NORMS = ("none", "head", "full")
+POSITION_EMBEDDINGS = ("relative", "sinusoidal")   # T5's learned relative bias; fairseq's fixed sinusoids (NLLB)
+NORMS = ("rms", "layer")                             # T5's RMSNorm; LayerNorm with a bias (NLLB, fairseq)
 
 # A sparse layout says which feed-forward positions of a stack are MoE layers:
 #   "none" | "all" | "every:N" (layer i sparse when i % N == N - 1, the original Switch placement)
@@ -97,6 +99,10 @@ class MoeConfig:
                                          # columns and column i's tokens go to expert expert_map[i]; None: identity
   routed_scaling_factor: float = 1.0     # multiplies every routed expert's gate (DeepSeek's routed_scaling_factor);
                                          # E undoes top-1's ~1/E gate at uniform routing
+  normalize_kept_gates: bool = False     # renormalise the gates of the choices that survived capacity to sum to 1
+                                         # (NLLB-MoE / fairseq: a token that lost its 2nd expert keeps gate 1)
+  expert_output_dropout: float = 0.0     # NLLB-MoE's expert output masking (moe_token_dropout): dropout on each
+                                         # expert's weighted output when training; eval scales it by 1 - rate
   load_balance_loss_coef: float = 0.01
   balance_loss_scope: str = "group"      # where f_e and P_e of the balance loss are counted: each routing group
                                          # (Switch), each sequence (row), or the global batch (over every device)
@@ -161,6 +167,8 @@ class MoeConfig:
       _fail(own, "dispatch", self.dispatch,
             f"{self.dispatch} dispatch sends every token to its top-k experts (router='tokens_choose', "
             "semantics='switch'); experts_choose and transformers' fixed capacity need 'einsum' or 'index'.")
+    if not 0 <= self.expert_output_dropout < 1:
+      _fail(own, "expert_output_dropout", self.expert_output_dropout, "must be in [0, 1) (0: none).")
     if self.expert_dropout_rate is not None and not 0 <= self.expert_dropout_rate < 1:
       _fail(own, "expert_dropout_rate", self.expert_dropout_rate, "must be in [0, 1) or None.")
     if self.expert_dtype not in EXPERT_DTYPES:
@@ -265,6 +273,12 @@ class ModelConfig(_WithExperts):
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   logits_via_embedding: bool = False     # tied output logits (scaled by d_model ** -0.5) or a separate dense
+  rescale_tied_logits: bool = True       # tied logits: scale the decoder output by d_model ** -0.5 (T5; NLLB: no)
+  position_embedding: str = "relative"   # "relative" (T5's learned bias) or "sinusoidal" (fairseq's fixed table,
+                                         # added to the embeddings: position p reads row p + 2, as M2M100 / NLLB)
+  norm: str = "rms"                      # "rms" (T5) or "layer" (LayerNorm with a bias: NLLB)
+  use_bias: bool = False                 # biases on attention projections, FFNs and experts (NLLB; T5: none)
+  scale_embeddings: bool = False         # multiply token embeddings by sqrt(d_model) (fairseq / NLLB)
   init_scale: float = 0.1                # truncated normal, std = sqrt(init_scale / fan_in)
   layer_norm_epsilon: float = 1e-6
   dtype: str = "float32"                 # activation dtype; parameters are always float32
@@ -290,6 +304,10 @@ class ModelConfig(_WithExperts):
       _fail(own, "head_dim", self.head_dim, "must be >= 1 (or None to use d_model // num_heads).")
     if self.activation not in ACTIVATIONS:
       _fail(own, "activation", self.activation, f"unknown activation; choose one of {ACTIVATIONS}.")
+    if self.position_embedding not in POSITION_EMBEDDINGS:
+      _fail(own, "position_embedding", self.position_embedding, f"choose one of {POSITION_EMBEDDINGS}.")
+    if self.norm not in NORMS:
+      _fail(own, "norm", self.norm, f"choose one of {NORMS}.")
     if self.dtype not in DTYPES:
       _fail(own, "dtype", self.dtype, f"choose one of {DTYPES}.")
     if not 0 <= self.dropout_rate < 1:

@@ -366,6 +366,13 @@ def _hf_config(config: ModelConfig, expert_capacity: int | None) -> dict:
   if config.num_encoder_layers < 1 or config.num_decoder_layers < 1:
     raise ValueError("export_hf: transformers' T5 / SwitchTransformers need at least one encoder and one decoder "
                      f"layer; this config has {config.num_encoder_layers} and {config.num_decoder_layers}.")
+  t5_layout = dict(position_embedding="relative", norm="rms", use_bias=False, scale_embeddings=False,
+                   rescale_tied_logits=True)
+  differs = [f"{k}={getattr(config, k)!r}" for k, v in t5_layout.items() if getattr(config, k) != v]
+  if differs:
+    raise ValueError(f"export_hf: {', '.join(differs)}: transformers' T5 / SwitchTransformers have T5's layout "
+                     f"({', '.join(f'{k}={v!r}' for k, v in t5_layout.items())}); an NLLB-MoE-shaped model exports "
+                     "through `switchx convert` (NllbMoeForConditionalGeneration).")
   gated = config.activation.startswith("gated-")
   act = _ACTIVATION_TO_HF[config.activation.removeprefix("gated-")]
   hf = dict(vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.kv_dim, d_ff=config.d_ff,

@@ -6,8 +6,8 @@
                       e.g. "encoder/layers_1/moe/experts/wi" (safetensors: no pickle, readable from numpy / torch);
                       a quantized expert matrix (switchx/quantize.py) as "<path>.codes" and "<path>.scale", its
                       bits and shape in the file's metadata ("quantized").
-A directory whose config.json has a "model_type" is read as a transformers checkpoint (interop.hf.import_hf; Mixtral:
-interop.hf_decoder.import_dir). A decoder-only model's config.json has "architecture": "decoder_only".
+A directory whose config.json has a "model_type" is read as a transformers checkpoint (interop.hf.import_hf; Mixtral,
+OLMoE, Qwen-MoE: interop.hf_decoder.import_dir; NLLB-MoE: interop.hf_nllb.import_dir). A decoder-only model's config.json has "architecture": "decoder_only".
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import safetensors
 import safetensors.numpy
 
 from switchx.config import FORMAT_VERSION, ModelConfig, config_from_dict, config_to_dict
-from switchx.interop import hf_decoder
+from switchx.interop import hf_decoder, hf_nllb
 from switchx.interop.hf import import_hf, read_hf_config
 from switchx.interop.param_tree import check_params, flatten, unflatten
 from switchx.quantize import Quantized, from_tensors, to_tensors
@@ -50,6 +50,8 @@ def load(path: str) -> tuple[ModelConfig, dict]:
   fields = read_hf_config(path)  # checks the directory and config.json exist
   if fields.get("model_type") in hf_decoder.MODEL_TYPES:
     return hf_decoder.import_dir(path)
+  if fields.get("model_type") == hf_nllb.MODEL_TYPE:
+    return hf_nllb.import_dir(path)
   if "model_type" in fields:
     return import_hf(path)
   version = fields.get("switchx_format_version")

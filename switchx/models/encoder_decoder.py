@@ -32,7 +32,8 @@ from switchx.moe.layer import MoeLayer
 from switchx.nn.attention import MultiHeadAttention, RelativePositionBias, attention_mask, mask_to_bias
 from switchx.nn.linear import DenseGeneral, Embed
 from switchx.nn.mlp import MlpBlock
-from switchx.nn.norm import RMSNorm
+from switchx.nn.norm import make_norm
+from switchx.nn.sinusoidal import sinusoidal_embedding
 
 ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 
@@ -42,7 +43,8 @@ def feed_forward(cfg: ModelConfig, sparse: bool, x: jax.Array, token_mask: jax.A
   MoE layer ("moe"), as the config's sparse layout says. -> (y, moe aux or None)."""
   if sparse:
     return MoeLayer.for_model(cfg, name="moe")(x, token_mask, train, task_ids)
-  mlp = MlpBlock(cfg.d_ff, cfg.activation, cfg.dropout_rate, cfg.init_scale, jnp.dtype(cfg.dtype), name="mlp")
+  mlp = MlpBlock(cfg.d_ff, cfg.activation, cfg.dropout_rate, cfg.init_scale, jnp.dtype(cfg.dtype), cfg.use_bias,
+                 name="mlp")
   return mlp(x, deterministic=not train), None
 
 
@@ -54,11 +56,11 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, bias, token_mask, train: bool, task_ids=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
-    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
-    h = MultiHeadAttention(cfg.num_heads, cfg.kv_dim, cfg.dropout_rate, cfg.init_scale, dtype,
+    h = norm(cfg, "pre_attention_layer_norm")(x)
+    h = MultiHeadAttention(cfg.num_heads, cfg.kv_dim, cfg.dropout_rate, cfg.init_scale, dtype, cfg.use_bias,
                            name="attention")(h, h, bias, deterministic=not train)
     x = x + dropout(h)
-    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+    h = norm(cfg, "pre_mlp_layer_norm")(x)
     h, aux = feed_forward(cfg, self.sparse, h, token_mask, train, task_ids)
     x = x + dropout(h)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
@@ -74,24 +76,39 @@ class DecoderLayer(nn.Module):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.kv_dim, cfg.dropout_rate, cfg.init_scale,
-                                                dtype, name=name)
-    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
+                                                dtype, cfg.use_bias, name=name)
+    h = norm(cfg, "pre_self_attention_layer_norm")(x)
     x = x + dropout(attention("self_attention")(h, h, self_bias, deterministic=not train,
                                                 kv_cache="self" if decode else None))
-    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
+    h = norm(cfg, "pre_cross_attention_layer_norm")(x)
     x = x + dropout(attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic=not train,
                                                            kv_cache="cross" if decode else None))
-    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+    h = norm(cfg, "pre_mlp_layer_norm")(x)
     h, aux = feed_forward(cfg, self.sparse, h, token_mask, train, task_ids)
     x = x + dropout(h)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
 
 
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+  return make_norm(cfg.norm, cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name)
+
+
 def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
-  """[B|1, L] positions for the relative position bias: given ones, or 0..L-1 shared by all rows."""
+  """[B|1, L] positions (relative bias or sinusoids): given ones, or 0..L-1 shared by all rows."""
   if positions is not None:
     return positions
   return jnp.arange(tokens.shape[1])[None, :]
+
+
+def embed(cfg: ModelConfig, embedder: Embed, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+  """Token embeddings [B, L, D] (x sqrt(D) with scale_embeddings), plus fixed sinusoids of the positions
+  [B|1, L] with position_embedding="sinusoidal" (T5's relative positions enter as attention biases instead)."""
+  x = embedder(tokens)
+  if cfg.scale_embeddings:
+    x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
+  if cfg.position_embedding == "sinusoidal":
+    x = (x.astype(jnp.float32) + sinusoidal_embedding(positions, cfg.d_model)).astype(x.dtype)
+  return x
 
 
 class Encoder(nn.Module):
@@ -103,11 +120,12 @@ class Encoder(nn.Module):
     cfg = self.config
     valid = tokens > 0                                                        # [B, Le]
     positions = _positions(tokens, positions)
-    relpos = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-                                  cfg.num_heads, bidirectional=True, name="relpos_bias")(positions, positions)
-    bias = mask_to_bias(attention_mask(valid, valid, segment_ids, segment_ids)) + relpos  # [B, H, Le, Le]
+    bias = mask_to_bias(attention_mask(valid, valid, segment_ids, segment_ids))  # [B, 1, Le, Le]
+    if cfg.position_embedding == "relative":
+      bias = bias + RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                                         cfg.num_heads, bidirectional=True, name="relpos_bias")(positions, positions)
 
-    x = self.embedder(tokens)                                                 # [B, Le, D]
+    x = embed(cfg, self.embedder, tokens, positions)                          # [B, Le, D]
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     sparse, aux = set(cfg.encoder_sparse_layers), {}
@@ -115,7 +133,7 @@ class Encoder(nn.Module):
       x, layer_aux = EncoderLayer(cfg, i in sparse, name=f"layers_{i}")(x, bias, valid, train, task_ids)
       if layer_aux is not None:
         aux[f"encoder/layers_{i}"] = layer_aux
-    x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(x)
+    x = norm(cfg, "final_layer_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=not train), aux
 
 
@@ -128,10 +146,12 @@ class Decoder(nn.Module):
                encoder_segment_ids=None, train: bool = False, decode: bool = False, task_ids=None):
     """decode=True: cached decoding (see EncoderDecoder.decode); the first such call creates the cache."""
     cfg = self.config
-    relpos_bias = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-                                       cfg.num_heads, bidirectional=False, name="relpos_bias")
+    relpos_bias = None
+    if cfg.position_embedding == "relative":
+      relpos_bias = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                                         cfg.num_heads, bidirectional=False, name="relpos_bias")
     if decode and self.has_variable("cache", "cache_index"):
-      valid, self_bias, cross_bias = self._step_biases(tokens, encoder_valid, relpos_bias)
+      valid, positions, self_bias, cross_bias = self._step_biases(tokens, encoder_valid, relpos_bias)
     else:
       if decode:  # the call that creates the cache: nothing is in it yet
         self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
@@ -144,11 +164,12 @@ class Decoder(nn.Module):
       else:
         valid = jnp.ones(tokens.shape, bool)                                  # [B, Ld]
       positions = _positions(tokens, positions)
-      relpos = relpos_bias(positions, positions)
-      self_bias = mask_to_bias(attention_mask(valid, valid, segment_ids, segment_ids, causal=True)) + relpos
+      self_bias = mask_to_bias(attention_mask(valid, valid, segment_ids, segment_ids, causal=True))
+      if relpos_bias is not None:
+        self_bias = self_bias + relpos_bias(positions, positions)
       cross_bias = mask_to_bias(attention_mask(valid, encoder_valid, segment_ids, encoder_segment_ids))
 
-    x = self.embedder(tokens)                                                 # [B, Ld, D]
+    x = embed(cfg, self.embedder, tokens, positions)                          # [B, Ld, D]
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     sparse, aux = set(cfg.decoder_sparse_layers), {}
@@ -157,19 +178,20 @@ class Decoder(nn.Module):
           x, encoded, self_bias, cross_bias, valid, train, decode, task_ids)
       if layer_aux is not None:
         aux[f"decoder/layers_{i}"] = layer_aux
-    x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(x)
+    x = norm(cfg, "final_layer_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
 
-    if cfg.logits_via_embedding:
-      logits = self.embedder.attend(x * cfg.d_model ** -0.5)                  # tied, rescaled as in T5
+    if cfg.logits_via_embedding:                                              # tied, rescaled as in T5 (not NLLB)
+      logits = self.embedder.attend(x * cfg.d_model ** -0.5 if cfg.rescale_tied_logits else x)
     else:
       logits = DenseGeneral(cfg.vocab_size, (EMBED, VOCAB), init_scale=cfg.init_scale,
                             dtype=jnp.dtype(cfg.dtype), out_dtype=jnp.float32, name="logits_dense")(x)
     return nn.with_logical_constraint(logits, (BATCH, LENGTH, VOCAB)), aux  # [B, Ld, V] float32
 
   def _step_biases(self, tokens, encoder_valid, relpos_bias):
-    """Masks and biases of one cached step: the new token [B, 1] sits at position cache_index and sees the
-    cache slots filled so far and itself (causal over the cache; no padding or segments at decode time)."""
+    """Validity, position [1, 1] and attention biases of one cached step: the new token [B, 1] sits at position
+    cache_index and sees the cache slots filled so far and itself (causal over the cache; no padding or segments
+    at decode time)."""
     cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     cache_mask = self.variable("cache", "cache_mask", jnp.zeros, tokens.shape, bool)
     batch, max_length = cache_mask.value.shape
@@ -180,11 +202,13 @@ class Decoder(nn.Module):
     slots = jnp.arange(max_length)
     cache_mask.value = cache_mask.value | (slots == index)[None, :]           # [B, L_max]
     cache_index.value = index + 1
-    relpos = relpos_bias(jnp.reshape(index, (1, 1)), slots[None, :])         # [1, H, 1, L_max]
-    self_bias = mask_to_bias(cache_mask.value[:, None, None, :]) + relpos    # [B, H, 1, L_max]
+    position = jnp.reshape(index, (1, 1))                                    # [1, 1]
+    self_bias = mask_to_bias(cache_mask.value[:, None, None, :])             # [B, 1, 1, L_max]
+    if relpos_bias is not None:
+      self_bias = self_bias + relpos_bias(position, slots[None, :])          # [B, H, 1, L_max]
     valid = jnp.ones((batch, 1), bool)
     cross_bias = mask_to_bias(attention_mask(valid, encoder_valid))          # [B, 1, 1, Le]
-    return valid, self_bias, cross_bias
+    return valid, position, self_bias, cross_bias
 
 
 class EncoderDecoder(nn.Module):
@@ -192,7 +216,8 @@ class EncoderDecoder(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, jnp.dtype(cfg.dtype))
+    self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, jnp.dtype(cfg.dtype),
+                                stddev=cfg.d_model ** -0.5 if cfg.scale_embeddings else 1.0)
     self.encoder = Encoder(cfg, self.token_embedder)
     self.decoder = Decoder(cfg, self.token_embedder)
 

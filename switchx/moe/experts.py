@@ -1,6 +1,6 @@
 """The experts: E independent feed-forward networks applied expert-major, their matmul and their dtype policy.
 
-    x [E, G, C, D] -> [E, G*C, D] -> wi [E, D, F] -> act -> dropout -> wo [E, F, D] -> [E, G, C, D]
+    x [E, G, C, D] -> [E, G*C, D] -> wi [E, D, F] (+ bias) -> act -> dropout -> wo [E, F, D] (+ bias) -> [E, G, C, D]
     dropless blocks: x [N, 1, b, D], block n through expert block_expert[n]'s weights (gathered: [N, D, F])
     ragged: x [P, 1, M, D], each shard's rows sorted by expert, jax.lax.ragged_dot with group_sizes [P, E]
 
@@ -87,6 +87,7 @@ class Experts(nn.Module):
   init_scale: float
   dtype: jnp.dtype = jnp.float32          # the model's activation dtype
   expert_dtype: str = "auto"              # MoeConfig.expert_dtype, resolved by expert_compute_dtype
+  use_bias: bool = False                  # per-expert biases wi_bias [E, F] / wo_bias [E, D] (NLLB-MoE)
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool, block_expert: jax.Array | None = None,
@@ -101,9 +102,15 @@ class Experts(nn.Module):
     act, gated = activation_fn(self.activation)
     init = t5_kernel_init(self.init_scale, num_in=1, num_out=1, num_batch=1)  # fan_in per expert
 
-    def kernel(name, shape, axes):
-      w = self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+    def kernel(name, shape, axes, initializer=init):
+      w = self.param(name, nn.with_logical_partitioning(initializer, axes), shape, jnp.float32)
       return w if block_expert is None else jnp.take(w, block_expert, axis=0)  # [N, ...]: one per block
+
+    def add_bias(h, name, features, axis):                                     # h [E|N, T, features]
+      if not self.use_bias:
+        return h
+      b = kernel(name, (self.num_experts, features), (EXPERT, axis), nn.initializers.zeros)  # [E|N, features]
+      return (h.astype(jnp.float32) + b[:, None, :]).astype(h.dtype)
 
     if group_sizes is not None:
       return self._ragged(x, kernel, group_sizes, dtype, deterministic).astype(in_dtype)
@@ -111,15 +118,16 @@ class Experts(nn.Module):
     wi_shape, wi_axes = (self.num_experts, d_model, self.d_ff), (EXPERT, EMBED, EXPERT_MLP)
     x = x.reshape(rows, num_groups * capacity, d_model)                        # [E, G*C, D]
     if gated:
-      h = act(expert_matmul(x, kernel("wi_0", wi_shape, wi_axes), dtype))
-      h = h * expert_matmul(x, kernel("wi_1", wi_shape, wi_axes), dtype)
+      h = act(add_bias(expert_matmul(x, kernel("wi_0", wi_shape, wi_axes), dtype), "wi_0_bias", self.d_ff, EXPERT_MLP))
+      h = h * add_bias(expert_matmul(x, kernel("wi_1", wi_shape, wi_axes), dtype), "wi_1_bias", self.d_ff, EXPERT_MLP)
     else:
-      h = act(expert_matmul(x, kernel("wi", wi_shape, wi_axes), dtype))              # [E, G*C, F]
+      h = act(add_bias(expert_matmul(x, kernel("wi", wi_shape, wi_axes), dtype), "wi_bias", self.d_ff,
+                       EXPERT_MLP))                                            # [E, G*C, F]
     if block_expert is None:
       h = nn.with_logical_constraint(h, (EXPERT, UNMODELED, EXPERT_MLP))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)          # expert dropout
     wo = kernel("wo", (self.num_experts, self.d_ff, d_model), (EXPERT, EXPERT_MLP, EMBED))
-    out = expert_matmul(h, wo, dtype)                                          # [E, G*C, D]
+    out = add_bias(expert_matmul(h, wo, dtype), "wo_bias", d_model, EMBED)     # [E, G*C, D]
     return out.reshape(rows, num_groups, capacity, d_model).astype(in_dtype)
 
   def _ragged(self, x, kernel, group_sizes, dtype, deterministic):
@@ -128,17 +136,27 @@ class Experts(nn.Module):
     act, gated = activation_fn(self.activation)
     d_model = x.shape[-1]
     rows = x[:, 0].astype(dtype)                                              # [P, M, D]
+    # Each row's expert (biases only): rows before the end of expert e's run and after e - 1's belong to e.
+    ends = jnp.cumsum(group_sizes, axis=-1)                                   # [P, E]
+    row_expert = (jnp.arange(rows.shape[1])[None, :, None] >= ends[:, None, :]).sum(-1)   # [P, M]
+    row_expert = jnp.minimum(row_expert, self.num_experts - 1)                # rows past the choices: unused
 
-    def grouped(lhs, w):                                                      # [P, M, I] x [E, I, O] -> [P, M, O]
+    def grouped(lhs, w, bias_name=None):                                      # [P, M, I] x [E, I, O] -> [P, M, O]
       w = w.astype(dtype)                # a loop over the P shards: ragged_dot's transpose does not vmap
-      return jnp.stack([jax.lax.ragged_dot(lhs[p], w, group_sizes[p], preferred_element_type=jnp.float32)
-                        for p in range(lhs.shape[0])])
+      out = jnp.stack([jax.lax.ragged_dot(lhs[p], w, group_sizes[p], preferred_element_type=jnp.float32)
+                       for p in range(lhs.shape[0])])
+      if self.use_bias and bias_name:
+        b = kernel(bias_name, (self.num_experts, w.shape[-1]),
+                   (EXPERT, EMBED if bias_name == "wo_bias" else EXPERT_MLP), nn.initializers.zeros)  # [E, O]
+        out = out + jnp.take(b, row_expert, axis=0)                           # [P, M, O]
+      return out
 
     wi_shape, wi_axes = (self.num_experts, d_model, self.d_ff), (EXPERT, EMBED, EXPERT_MLP)
     if gated:
-      h = act(grouped(rows, kernel("wi_0", wi_shape, wi_axes))) * grouped(rows, kernel("wi_1", wi_shape, wi_axes))
+      h = act(grouped(rows, kernel("wi_0", wi_shape, wi_axes), "wi_0_bias"))
+      h = h * grouped(rows, kernel("wi_1", wi_shape, wi_axes), "wi_1_bias")
     else:
-      h = act(grouped(rows, kernel("wi", wi_shape, wi_axes)))                 # [P, M, F] float32
+      h = act(grouped(rows, kernel("wi", wi_shape, wi_axes), "wi_bias"))     # [P, M, F] float32
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic).astype(dtype)
     wo = kernel("wo", (self.num_experts, self.d_ff, d_model), (EXPERT, EXPERT_MLP, EMBED))
-    return grouped(h, wo)[:, None]                                            # [P, 1, M, D]
+    return grouped(h, wo, "wo_bias")[:, None]                                 # [P, 1, M, D]

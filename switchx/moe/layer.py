@@ -7,7 +7,7 @@ C capacity (slots per expert per group), K experts per token, D d_model, F exper
     routing = Router(tokens)                         moe/routing.py: float32 logits [G, S, E], a decision
                                                      (route_by="task": logits from each token's task id)
     expert_in = dispatcher.dispatch(tokens)          moe/dispatch.py: [E, G, C, D] (einsum, index, dropless, ragged)
-    expert_out = Experts(expert_in)                  moe/experts.py: [E, G, C, D]
+    expert_out = Experts(expert_in)                  moe/experts.py: [E, G, C, D] (NLLB: masked; eval: x (1 - p))
     y = dispatcher.combine(expert_out) -> [B, L, D]  a token with no expert slot gets exactly zero (the
                                                      residual carries it)
     y += sigmoid(x . g) * shared_expert(x)           only with MoeConfig.shared_expert_d_ff (Qwen-MoE)
@@ -62,20 +62,22 @@ class MoeLayer(nn.Module):
   dropout_rate: float = 0.0               # inside the experts
   init_scale: float = 1.0
   dtype: str = "float32"                  # the model's activation dtype
+  use_bias: bool = False                  # biases in the experts (and the shared expert)
 
   @classmethod
   def for_model(cls, config: ModelConfig | DecoderOnlyConfig, **kwargs) -> "MoeLayer":
     return cls(config.moe, config.expert_d_ff, config.activation, config.expert_dropout_rate, config.init_scale,
-               config.dtype, **kwargs)
+               config.dtype, getattr(config, "use_bias", False), **kwargs)
 
   def setup(self):
     self.route = Router(self.moe)
     nn.share_scope(self, self.route)       # the router's kernel is this layer's parameter "router"
     self.experts = Experts(self.moe.num_experts, self.d_ff, self.activation, self.dropout_rate, self.init_scale,
-                           jnp.dtype(self.dtype), self.moe.expert_dtype)
+                           jnp.dtype(self.dtype), self.moe.expert_dtype, self.use_bias)
+    self.output_dropout = nn.Dropout(self.moe.expert_output_dropout)
     if self.moe.shared_expert_d_ff:
       self.shared_expert = MlpBlock(self.moe.shared_expert_d_ff, self.activation, self.dropout_rate,
-                                    self.init_scale, jnp.dtype(self.dtype))
+                                    self.init_scale, jnp.dtype(self.dtype), self.use_bias)
       if self.moe.shared_expert_gate:
         self.shared_expert_gate = DenseGeneral(1, (EMBED, UNMODELED), init_scale=self.init_scale)
 
@@ -101,7 +103,11 @@ class MoeLayer(nn.Module):
     expert_in = dispatcher.dispatch(tokens)                                    # [E, G, C, D] (blocks: [N, 1, b, D])
     self.sow("intermediates", "expert_inputs", expert_in)
     expert_out = self.experts(expert_in, not train, dispatcher.block_expert, dispatcher.group_sizes)  # same shape
+    if moe.expert_output_dropout and train:                                    # NLLB's expert output masking
+      expert_out = self.output_dropout(expert_out, deterministic=False)
     y = dispatcher.combine(expert_out)                                         # [G, S, D]
+    if moe.expert_output_dropout and not train:                                # its eval-time counterpart
+      y = (y * (1.0 - moe.expert_output_dropout)).astype(y.dtype)
     y = nn.with_logical_constraint(y, (BATCH, UNMODELED, EMBED)).reshape(batch, length, d_model)
     if moe.shared_expert_d_ff:                                                 # beside the routed experts
       y = y + self.shared(x, train)

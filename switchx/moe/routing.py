@@ -96,7 +96,8 @@ def tokens_choose(probs: jax.Array, token_mask: jax.Array, *, k: int, capacity: 
                   second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
                   normalize_gates: bool = False, batch_prioritized: bool = False,
                   rng: jax.Array | None = None, selection_bias: jax.Array | None = None,
-                  expert_map: tuple[int, ...] | None = None, num_experts: int | None = None) -> TokenChoice:
+                  expert_map: tuple[int, ...] | None = None, num_experts: int | None = None,
+                  normalize_kept_gates: bool = False) -> TokenChoice:
   """Top-k routing (k=1: Switch; k=2: GShard).
 
   probs [G, S, E] float32, token_mask [G, S] bool (False: padding, never routed).
@@ -108,6 +109,7 @@ def tokens_choose(probs: jax.Array, token_mask: jax.Array, *, k: int, capacity: 
   ~0.005 gaps between a confident router's other experts, and a collapsed router's load swung from expert to
   expert in tests/test_balance.py.)
   expert_map (merged experts) sends the chosen router column i to expert expert_map[i] of `num_experts`.
+  normalize_kept_gates (NLLB-MoE) renormalises the gates after capacity: over the choices that were kept.
   """
   num_groups, group_size, num_columns = probs.shape
   num_experts = num_experts or num_columns
@@ -137,6 +139,9 @@ def tokens_choose(probs: jax.Array, token_mask: jax.Array, *, k: int, capacity: 
   inverse = jnp.argsort(order, axis=-1)
   slot = jnp.take_along_axis(position, inverse[:, :, None], axis=1).astype(jnp.int32)      # sequence order
   kept = routed & (slot < capacity)
+  if normalize_kept_gates:  # NLLB-MoE: the gates of the surviving choices sum to 1 (a lone survivor gets 1)
+    kept_gate = jnp.where(kept, gate, 0.0)
+    gate = kept_gate / jnp.maximum(kept_gate.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
   return TokenChoice(expert_index=expert_index.astype(jnp.int32), slot=slot,
                      gate=jnp.where(kept, gate, 0.0), routed=routed, kept=kept)
 
@@ -159,7 +164,7 @@ STRATEGIES = {
         probs, mask, k=moe.top_k, capacity=capacity, second_expert_policy=moe.second_expert_policy,
         second_expert_threshold=moe.second_expert_threshold, normalize_gates=moe.normalize_gates,
         batch_prioritized=moe.batch_prioritized, rng=rng, selection_bias=bias, expert_map=moe.expert_map,
-        num_experts=moe.num_experts),
+        num_experts=moe.num_experts, normalize_kept_gates=moe.normalize_kept_gates),
     "experts_choose": lambda probs, mask, capacity, moe, rng, bias: experts_choose(probs, mask, capacity=capacity),
 }
 

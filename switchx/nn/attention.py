@@ -1,4 +1,5 @@
-"""T5 attention: masks, relative position bias and multi-head attention (no 1/sqrt(d_head) scaling); and the
+"""T5 attention: masks, relative position bias and multi-head attention (no 1/sqrt(d_head) scaling: a converted
+model that scales, as NLLB-MoE, carries the factor in its query projection); and the
 grouped-query attention with rotary positions of decoder-only models.
 
 Legend: B batch, Q query length, K key length, H heads, Dh head dim, D d_model.
@@ -118,6 +119,7 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float
   init_scale: float
   dtype: Any = jnp.float32
+  use_bias: bool = False          # biases on the four projections (NLLB-MoE; T5: none)
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
@@ -129,7 +131,7 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"kv_cache={kv_cache!r}: choose one of {KV_CACHE_MODES}.")
     d_model = inputs_q.shape[-1]
     proj = lambda name, scale: DenseGeneral((self.num_heads, self.head_dim), (EMBED, HEADS, KV),
-                                            init_scale=scale, dtype=self.dtype, name=name)
+                                            init_scale=scale, dtype=self.dtype, use_bias=self.use_bias, name=name)
     # T5 does not scale logits by 1/sqrt(head_dim); the query initialisation carries that factor instead.
     q = proj("query", self.init_scale / self.head_dim)(inputs_q)             # [B, Q, H, Dh]
     k = proj("key", self.init_scale)(inputs_kv)                              # [B, K, H, Dh]
@@ -154,7 +156,7 @@ class MultiHeadAttention(nn.Module):
       out = jnp.einsum("bhqk,bhdk->bqhd", weights, v, preferred_element_type=jnp.float32)  # [B, Q, H, Dh]
     out = out.astype(self.dtype)
     out = DenseGeneral(d_model, (HEADS, KV, EMBED), num_contract=2, init_scale=self.init_scale,
-                       dtype=self.dtype, name="out")(out)                    # [B, Q, D]
+                       dtype=self.dtype, use_bias=self.use_bias, name="out")(out)  # [B, Q, D]
     return nn.with_logical_constraint(out, (BATCH, LENGTH, EMBED))
 
   def _self_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -109,10 +109,11 @@ class Embed(nn.Module):
   num_embeddings: int
   features: int
   dtype: Dtype = jnp.float32
+  stddev: float = 1.0             # T5: 1; fairseq / NLLB (embeddings x sqrt(D)): D ** -0.5
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), (VOCAB, EMBED)),
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=self.stddev), (VOCAB, EMBED)),
         (self.num_embeddings, self.features), jnp.float32)
 
   def __call__(self, ids: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""The dense T5 feed-forward block: wi -> activation (optionally gated) -> dropout -> wo."""
+"""The dense T5 feed-forward block: wi -> activation (optionally gated) -> dropout -> wo (biases optional)."""
 
 from __future__ import annotations
 
@@ -30,13 +30,14 @@ class MlpBlock(nn.Module):
   dropout_rate: float
   init_scale: float
   dtype: Any = jnp.float32
+  use_bias: bool = False          # biases on wi / wo (NLLB-MoE's fc1 / fc2; T5: none)
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     act, gated = activation_fn(self.activation)
     d_model = x.shape[-1]
     dense = lambda name, feats, axes: DenseGeneral(feats, axes, init_scale=self.init_scale,
-                                                   dtype=self.dtype, name=name)
+                                                   dtype=self.dtype, use_bias=self.use_bias, name=name)
     if gated:
       h = act(dense("wi_0", self.d_ff, (EMBED, MLP))(x)) * dense("wi_1", self.d_ff, (EMBED, MLP))(x)
     else:

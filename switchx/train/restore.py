@@ -35,7 +35,8 @@ TOKENIZER_FILE = "tokenizer.model"   # fine-tuning runs keep a copy of the model
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
                        "num_decoder_layers", "activation", "relative_attention_num_buckets",
                        "relative_attention_max_distance", "logits_via_embedding", "layer_norm_epsilon",
-                       "encoder_sparse", "decoder_sparse")
+                       "encoder_sparse", "decoder_sparse", "rescale_tied_logits", "position_embedding", "norm",
+                       "use_bias", "scale_embeddings")
 MOE_ARCHITECTURE_FIELDS = ("num_experts", "expert_d_ff", "route_by", "num_tasks")
 
 

@@ -62,10 +62,12 @@ def upcycle_params(dense_config: ModelConfig, dense_params, sparse_config: Model
     for i in getattr(sparse_config, f"{stack}_sparse_layers"):
       router_rng, reinit_rng = jax.random.split(jax.random.fold_in(rng, 1000 * s + i))
       layer = dict(out[stack][f"layers_{i}"])
-      mlp = layer.pop("mlp")                                             # {wi | wi_0, wi_1, wo: {kernel}}
+      mlp = layer.pop("mlp")                                             # {wi | wi_0, wi_1, wo: {kernel[, bias]}}
       experts = {name: np.repeat(w["kernel"][None], num_experts, axis=0) for name, w in mlp.items()}  # [E, ...]
       if reinit_fraction > 0:
         experts = _drop_upcycle(experts, reinit_fraction, reinit_rng)
+      experts.update({f"{name}_bias": np.repeat(w["bias"][None], num_experts, axis=0)       # use_bias: [E, F|D]
+                      for name, w in mlp.items() if "bias" in w})
       router = router_stddev * jax.random.normal(router_rng, (dense_config.d_model, num_experts), jnp.float32)
       layer["moe"] = {"experts": experts, "router": np.asarray(router)}
       out[stack][f"layers_{i}"] = layer

@@ -274,3 +274,29 @@ def test_task_routing_sharded_equals_single_device():
   for (path, got), (_, ref) in zip(grads, grads_ref):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-5, atol=2e-7,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_nllb_variant_sharded_equals_single_device():
+  """The NLLB-MoE variant (sinusoidal positions, LayerNorm, biases everywhere, expert biases, kept-gate
+  renormalisation, top-2): on data x expert x model = 2 x 2 x 2 the loss and every gradient, the biases
+  included, equal one device's."""
+  config = switch_config(position_embedding="sinusoidal", norm="layer", layer_norm_epsilon=1e-5, use_bias=True,
+                         scale_embeddings=True, logits_via_embedding=True, rescale_tied_logits=False,
+                         activation="relu",
+                         moe=MoeConfig(num_experts=8, group_size=8, top_k=2, normalize_gates=True,
+                                       normalize_kept_gates=True, train_capacity_factor=1.0, min_capacity=1,
+                                       load_balance_loss_coef=0.01, router_z_loss_coef=1e-3))
+  results = []
+  for shape in ((1, 1, 1), (2, 2, 2)):
+    run = build(shape, config)
+    params = run.init(jax.random.PRNGKey(0)).params
+    (loss, metrics), grads = run.grads(params, run.shard_batch(make_batch()), jax.random.PRNGKey(1))
+    results.append((float(loss), float(metrics["router/dropped_fraction"]),
+                    jax.tree_util.tree_flatten_with_path(grads)[0]))
+  (loss_ref, dropped_ref, grads_ref), (loss, dropped, grads) = results
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  assert dropped == pytest.approx(dropped_ref)
+  assert any("wo_bias" in jax.tree_util.keystr(path) for path, _ in grads)
+  for (path, got), (_, ref) in zip(grads, grads_ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-5, atol=2e-7,
+                               err_msg=jax.tree_util.keystr(path))
