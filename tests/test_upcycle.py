@@ -32,10 +32,20 @@ def _logits(config, params):
   return np.asarray(jitted_apply(config)({"params": params}, enc, dec, train=False)[0])
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "index", "dropless"])
-def test_upcycled_model_gives_the_dense_logits_when_each_token_gets_one_expert_with_gate_1(dispatch):
-  dense = tiny_config(activation="gated-gelu")
+NLLB_SHAPED = dict(activation="relu", position_embedding="sinusoidal", norm="layer", use_bias=True,
+                   scale_embeddings=True, logits_via_embedding=True, rescale_tied_logits=False)
+
+
+@pytest.mark.parametrize("dispatch,variant", [("einsum", "t5"), ("index", "t5"), ("dropless", "t5"),
+                                              ("index", "nllb")])
+def test_upcycled_model_gives_the_dense_logits_when_each_token_gets_one_expert_with_gate_1(dispatch, variant):
+  """(nllb: biases everywhere, so each expert also starts with the dense FFN's biases.)"""
+  dense = tiny_config(activation="gated-gelu") if variant == "t5" else tiny_config(**NLLB_SHAPED)
   dense_params = init_params(dense)
+  if variant == "nllb":   # zero-initialised biases would not show whether they were carried: make them random
+    dense_params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + 0.3 * np.random.RandomState(len(jax.tree_util.keystr(path))).normal(size=v.shape)
+        if "bias" in jax.tree_util.keystr(path) else v, dense_params)
   # top-1 with normalised gates: each token's gate is exactly 1; eval capacity factor 0: no token dropped.
   sparse = _sparse(dense, normalize_gates=True, eval_capacity_factor=0.0, dispatch=dispatch)
   params = upcycle_params(dense, dense_params, sparse, jax.random.PRNGKey(1))
