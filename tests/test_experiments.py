@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from experiments import (adam_moments, balancing, capacity_factor, distillation, expert_count, extraction,
-                         gpu_scaling, init_scale, merging, quantization, regime, report, sparse_vs_dense, upcycling)
+                         gpu_scaling, init_scale, lm_regime, merging, quantization, regime, report, sparse_vs_dense,
+                         upcycling)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,8 @@ def work(tmp_path_factory):
     (sparse_vs_dense, "sparse_vs_dense", ["--target_step", "2"]), (init_scale, "init_scale", []),
     (adam_moments, "adam_moments", []), (gpu_scaling, "gpu_scaling", []), (regime, "regime", []),
     (upcycling, "upcycling", []), (distillation, "distillation", []), (balancing, "balancing", []),
-    (quantization, "quantization", []), (merging, "merging", []), (extraction, "extraction", [])])
+    (quantization, "quantization", []), (merging, "merging", []), (extraction, "extraction", []),
+    (lm_regime, "lm_regime", [])])
 def test_script_quick_mode(script, name, extra, work):
   out = work / "results"
   script.main(["--quick", "--out", str(out), "--work_dir", str(work / "runs"), *extra])
@@ -45,6 +47,12 @@ def test_script_quick_mode(script, name, extra, work):
     row = payload["rows"][0]
     assert list(row["models"]) == ["dense", "dense, d_ff x8", "switch-8"] and row["gate_passed"] is None
     assert row["models"]["dense, d_ff x8"]["params"] > row["models"]["dense"]["params"]
+  if name == "lm_regime":  # dense, its 8x-wide control, Switch at the dense model's FLOPs; one seed: no gate
+    rows = {row["model"]: row for row in payload["rows"]}
+    assert list(rows) == ["dense", "control: d_ff x8", "switch-2"] and payload["gate_passed"] is None
+    assert rows["control: d_ff x8"]["total_params"] > rows["dense"]["total_params"]
+    assert rows["switch-2"]["flops_per_token"] < 1.02 * rows["dense"]["flops_per_token"]
+    assert rows["dense"]["steps_to_dense_loss"][0] is not None
   if name == "upcycling":  # three arms at equal compute; the upcycled curve starts after the dense steps
     assert [row["arm"] for row in payload["rows"]] == ["dense continued", "upcycled", "switch-8 from scratch"]
     assert payload["rows"][1]["runs"][0]["eval_curve"][0][0] > payload["dense_steps"]
