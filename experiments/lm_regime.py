@@ -32,7 +32,8 @@ EXTRA = ["TrainConfig.optimizer='adafactor'", "TrainConfig.learning_rate=0.02", 
          "TrainConfig.warmup_steps=50", "TrainConfig.end_learning_rate_fraction=0.05"]
 QUICK = dict(preset=PRESET, steps=4, eval_every=2, batch_size=4, inputs_length=24, targets_length=8,
              extra=["DecoderOnlyConfig.d_model=16", "DecoderOnlyConfig.num_heads=2", "DecoderOnlyConfig.num_kv_heads=2",
-                    "DecoderOnlyConfig.d_ff=16", "DecoderOnlyConfig.num_layers=1", "DataConfig.tokenizer_vocab_size=256",
+                    "DecoderOnlyConfig.d_ff=16", "DecoderOnlyConfig.num_layers=1",
+                    "DataConfig.tokenizer_vocab_size=256",
                     "DecoderOnlyConfig.vocab_size=356", "MoeConfig.group_size=64", "TrainConfig.eval_batches=1"])
 DENSE = ["DecoderOnlyConfig.sparse='none'"]
 
@@ -117,7 +118,8 @@ def main(argv=None) -> dict:
     clear = "-" if row["clear"] is None or label == "dense" else ("yes" if row["clear"] else "no")
     lines.append(f"| {label} | {common.model_stats.format_count(row['total_params'])} "
                  f"({common.model_stats.format_count(row['active_params'])}) | "
-                 f"{common.model_stats.format_count(row['flops_per_token'])} | {common.fmt(row['mean'], row['spread'])} | "
+                 f"{common.model_stats.format_count(row['flops_per_token'])} | "
+                 f"{common.fmt(row['mean'], row['spread'])} | "
                  f"{row['gain']:+.3f} | {clear} | {steps} | {speed} | {row['step_time_ratio']:.2f}x |")
   name = common.result_name("lm_regime", args)
   common.plot(Path(args.out) / f"{name}.png", curves, "Causal LM, docstring corpus: dense, control, Switch (held-out)")

@@ -9,7 +9,7 @@ import sys
 
 def _demo(args: argparse.Namespace) -> int:
   from switchx.demo import run_demo
-  run_demo(out_dir=args.out_dir, num_steps=args.steps, seed=args.seed)
+  run_demo(out_dir=args.out_dir, num_steps=args.steps, seeds=args.seeds, seed=args.seed)
   return 0
 
 
@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   demo = sub.add_parser("demo", help="train a tiny Switch model and its dense twin on the built-in corpus")
   demo.add_argument("--out_dir", default="demo_out", help="where the plot and results.json go")
-  demo.add_argument("--steps", type=int, default=300, help="training steps per model")
+  demo.add_argument("--steps", type=int, default=None,
+                    help="training steps per run (default: configs/runs/demo_lm.gin's)")
+  demo.add_argument("--seeds", type=int, default=2, help="seeds per model (the spread is their half-range)")
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(run=_demo)
 
