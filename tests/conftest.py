@@ -67,3 +67,14 @@ def _init_params(config: ModelConfig, seed: int):
 def jitted_apply(config: ModelConfig):
   """model.apply under jit, with `train` static. Eager flax runs op by op and is far slower."""
   return jax.jit(EncoderDecoder(config).apply, static_argnames=("train",))
+
+
+def save_load_round_trip(config, params, directory) -> None:
+  """switchx.save then switchx.load gives the same config and bit-identical parameters."""
+  import numpy as np
+  from switchx import api
+  api.save(config, params, str(directory))
+  config2, params2 = api.load(str(directory))
+  assert config2 == config
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import save_load_round_trip
 from switchx.config import DecoderOnlyConfig, MoeConfig
 from switchx.models.decoder_only import DecoderOnly
 from switchx.nn.rotary import rotary
@@ -248,11 +249,7 @@ def test_mixtral_directories_import_export_and_round_trip(tmp_path):
   ours = np.asarray(_apply(config)(params, jnp.asarray(tokens, jnp.int32), None, None))
   np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 
-  api.save(config, params, str(tmp_path / "switchx"))
-  config2, params2 = api.load(str(tmp_path / "switchx"))
-  assert config2 == config
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  save_load_round_trip(config, params, tmp_path / "switchx")
 
   from switchx import cli
   assert cli.main(["convert", "--from", "switchx", "--to", "hf", str(tmp_path / "switchx"),

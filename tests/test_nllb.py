@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import save_load_round_trip
 from random_params import random_params
 from switchx.config import DecodeConfig, ModelConfig, MoeConfig
 from switchx.interop import hf_nllb
@@ -121,11 +122,7 @@ def test_directories_import_export_and_round_trip(fixed_transformers, tmp_path):
   assert config.position_embedding == "sinusoidal" and config.moe.normalize_kept_gates
   np.testing.assert_allclose(_ours(config, params, enc, dec)[0], expected, atol=1e-4, rtol=0)
 
-  api.save(config, params, str(tmp_path / "switchx"))
-  config2, params2 = api.load(str(tmp_path / "switchx"))
-  assert config2 == config
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  save_load_round_trip(config, params, tmp_path / "switchx")
 
   assert cli.main(["convert", "--from", "switchx", "--to", "hf", str(tmp_path / "switchx"),
                    str(tmp_path / "exported")]) == 0

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchx.axes import BATCH, EMBED, LENGTH, MLP, VOCAB
+from switchx.axes import BATCH, EMBED, LENGTH, VOCAB
 from switchx.config import ModelConfig, check_vocab
 from switchx.moe.layer import MoeLayer
 from switchx.nn.attention import MultiHeadAttention, RelativePositionBias, attention_mask, mask_to_bias
