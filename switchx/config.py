@@ -306,6 +306,8 @@ class ModelConfig(_WithExperts):
       _fail(own, "activation", self.activation, f"unknown activation; choose one of {ACTIVATIONS}.")
     if self.position_embedding not in POSITION_EMBEDDINGS:
       _fail(own, "position_embedding", self.position_embedding, f"choose one of {POSITION_EMBEDDINGS}.")
+    if self.position_embedding == "sinusoidal" and self.d_model < 4:
+      _fail(own, "d_model", self.d_model, "sinusoidal positions need d_model >= 4 (two or more frequencies).")
     if self.norm not in NORMS:
       _fail(own, "norm", self.norm, f"choose one of {NORMS}.")
     if self.dtype not in DTYPES:

@@ -246,4 +246,6 @@ def test_what_nllb_cannot_represent_fails_clearly(tmp_path):
     export_hf(nllb, random_params(nllb), str(tmp_path / "t5"))
   with pytest.raises(ValueError, match="position_embedding"):
     t5.replace(position_embedding="rotary")
+  with pytest.raises(ValueError, match="d_model >= 4"):
+    t5.replace(position_embedding="sinusoidal", d_model=2, head_dim=1)
   assert not (tmp_path / "nllb").exists() and not (tmp_path / "t5").exists()
