@@ -314,8 +314,8 @@ def _finetune(args: argparse.Namespace) -> int:
 def _upcycle(args: argparse.Namespace) -> int:
   from switchx.train.upcycle import upcycle
   return _run_training(args, "upcycle", lambda gin, mesh: upcycle(
-      args.init_from, gin.encoder_decoder_config("upcycle"), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
-      router_stddev=args.router_stddev, reinit_fraction=args.reinit_fraction,
+      args.init_from, gin.model_config(), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
+      router_stddev=args.router_stddev, reinit_fraction=args.reinit_fraction, continue_data=args.continue_data,
       operative_config=gin.operative_config()))
 
 
@@ -327,7 +327,7 @@ def _distill(args: argparse.Namespace) -> int:
     train_config = gin.train_config()
     if not any(b.startswith("TrainConfig.distill_soft_weight") for b in args.gin_bindings):
       train_config = dataclasses.replace(train_config, distill_soft_weight=args.soft_weight)
-    return distill(args.teacher, gin.encoder_decoder_config("distill"), train_config, gin.data_config(), mesh,
+    return distill(args.teacher, gin.model_config(), train_config, gin.data_config(), mesh,
                    model_dir=args.model_dir, init_from_teacher=not args.fresh_student,
                    operative_config=gin.operative_config())
 
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
   up.add_argument("--router_stddev", type=float, default=0.02, help="the fresh routers' init standard deviation")
   up.add_argument("--reinit_fraction", type=float, default=0.0,
                   help="Drop-Upcycling: share of each expert's hidden units re-initialised (default 0: plain)")
+  up.add_argument("--continue_data", action="store_true",
+                  help="start the data where the dense run's checkpoint stopped (same corpus and settings), not at "
+                       "the beginning")
   up.set_defaults(run=_upcycle)
 
   dist = sub.add_parser("distill", help="distil a trained (sparse) teacher into the student config (--gin_file: "

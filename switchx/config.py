@@ -690,7 +690,9 @@ def config_to_dict(config: ModelConfig | DecoderOnlyConfig) -> dict:
 def config_from_dict(fields: dict, source: str = "config") -> ModelConfig | DecoderOnlyConfig:
   """A ModelConfig (or DecoderOnlyConfig) from its JSON form; unknown fields are an error (a newer switchx?)."""
   fields = {k: v for k, v in fields.items() if k != "switchx_format_version"}
-  architecture = fields.pop("architecture", "encoder_decoder")
+  # Runs recorded before their config.json named a decoder-only model's architecture: its fields tell.
+  untagged = "decoder_only" if "num_layers" in fields and "num_encoder_layers" not in fields else "encoder_decoder"
+  architecture = fields.pop("architecture", untagged)
   if architecture not in ARCHITECTURES:
     raise ValueError(f"{source}: architecture {architecture!r} is unknown (this switchx reads "
                      f"{', '.join(ARCHITECTURES)}); was it written by a newer switchx?")

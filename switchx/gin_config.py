@@ -134,15 +134,6 @@ def model_config() -> ModelConfig | DecoderOnlyConfig:
   return build("DecoderOnlyConfig" if decoder_only_bound() else "ModelConfig")
 
 
-def encoder_decoder_config(command: str) -> ModelConfig:
-  """The bound ModelConfig, for a command that runs encoder-decoder models only (a clear error otherwise)."""
-  if decoder_only_bound():
-    raise ValueError(f"`switchx {command}` runs encoder-decoder models (ModelConfig); these gin files describe a "
-                     "decoder-only model (DecoderOnlyConfig), which `switchx params / plan / train / convert` take but "
-                     "this command does not yet. Use an encoder-decoder preset (e.g. switch_base_8).")
-  return build("ModelConfig")
-
-
 def decoder_only_bound() -> bool:
   for field in dataclasses.fields(DecoderOnlyConfig):
     try:

@@ -228,13 +228,6 @@ def test_tiny_preset_builds_and_runs():
   assert logits.shape == (2, 5, config.vocab_size) and np.isfinite(np.asarray(logits)).all()
 
 
-def test_encoder_decoder_commands_refuse_a_decoder_only_preset_by_name():
-  from switchx import gin_config
-  gin_config.parse(["models/mixtral_tiny"])
-  with pytest.raises(ValueError, match="`switchx upcycle` runs encoder-decoder models"):
-    gin_config.encoder_decoder_config("upcycle")
-
-
 def test_mixtral_directories_import_export_and_round_trip(tmp_path):
   """save_pretrained -> switchx.load gives transformers' logits; switchx convert --to hf -> from_pretrained gives
   switchx's logits; switchx.save / load of a decoder-only model is bit-exact."""

@@ -118,3 +118,71 @@ def test_command_line_distils_a_sparse_teacher_into_a_dense_student_and_resumes(
   record = json.loads((tmp_path / "student" / "config.json").read_text())
   assert record["train"]["distill_soft_weight"] == 1.0 and record["model"]["encoder_sparse"] == "none"
   assert cli.main(argv) == 0 and "already trained" in capsys.readouterr().out
+
+
+# --- decoder-only (causal LM) models -----------------------------------------------------------------------------
+def _lm(**changes):
+  from switchx.config import DecoderOnlyConfig, MoeConfig
+  base = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, sparse="all",
+              moe=MoeConfig(num_experts=4, group_size=64, min_capacity=1))
+  return DecoderOnlyConfig(**{**base, **changes})
+
+
+def _lm_params(config, seed=0):
+  import flax.linen as nn
+  from switchx.models.decoder_only import DecoderOnly
+  return jax.device_get(nn.unbox(DecoderOnly(config).init(jax.random.PRNGKey(seed), jnp.ones((1, 4), jnp.int32))
+                                 ["params"]))
+
+
+def test_causal_lm_teacher_logits_student_init_and_soft_loss():
+  """A decoder-only teacher's logits are its own forward pass on the student's inputs (packed rows included); the
+  dense student starts from its non-expert weights; soft weight 1 is the cross-entropy to its distribution."""
+  from switchx.models.decoder_only import DecoderOnly
+  from switchx.train.distill import teacher_forward
+  teacher_config, student_config = _lm(), _lm(sparse="none")
+  teacher = _lm_params(teacher_config, seed=1)
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(1, 64, (2, 10)).astype(np.int32)
+  segments = np.array([[1] * 6 + [2] * 4, [1] * 10], np.int32)
+  positions = np.array([list(range(6)) + list(range(4)), list(range(10))], np.int32)
+  batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, 1),
+           "decoder_segment_ids": segments, "decoder_positions": positions,
+           "decoder_loss_weights": np.ones((2, 10), np.float32)}
+  got = teacher_forward(teacher_config, teacher)(batch)["teacher_logits"]
+  expected = DecoderOnly(teacher_config).apply({"params": teacher}, tokens, segments, positions, train=False)[0]
+  np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-6, atol=1e-6)
+  unpacked = teacher_forward(teacher_config, teacher)({k: v for k, v in batch.items() if "segment" not in k})
+  assert np.abs(unpacked["teacher_logits"][0, 6:] - got[0, 6:]).max() > 1e-4     # the segments were used
+  student = student_params_from_teacher(student_config, teacher, jax.random.PRNGKey(0),
+                                        {"decoder_input_tokens": jnp.ones((1, 4), jnp.int32)})
+  np.testing.assert_array_equal(student["token_embedder"]["embedding"], teacher["token_embedder"]["embedding"])
+  np.testing.assert_array_equal(student["layers_1"]["attention"]["query"]["kernel"],
+                                teacher["layers_1"]["attention"]["query"]["kernel"])
+  assert "mlp" in student["layers_1"] and "moe" not in student["layers_1"]
+  batch["teacher_logits"] = got
+  logits, aux = DecoderOnly(student_config).apply({"params": student}, tokens, segments, positions, train=False)
+  loss, _ = total_loss(student_config, logits, aux, batch, z_loss_coef=0.0, soft_weight=1.0, temperature=1.0)
+  teacher_p = np.asarray(jax.nn.softmax(got.astype(np.float64), -1))
+  log_student = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), -1))
+  np.testing.assert_allclose(float(loss), -(teacher_p * log_student).sum(-1).mean(), rtol=1e-5)
+
+
+def test_command_line_distils_a_causal_lm_teacher_and_refuses_another_family(tmp_path, capsys):
+  common = ["--gin_file", "mixtral_tiny", "--gin.TrainConfig.batch_size=4", "--gin.TrainConfig.inputs_length=24",
+            "--gin.TrainConfig.targets_length=8", "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.eval_batches=1",
+            "--gin.TrainConfig.log_every=1", "--gin.DecoderOnlyConfig.num_layers=2", "--gin.MoeConfig.num_experts=4"]
+  assert cli.main(["train", "--model_dir", str(tmp_path / "teacher"), *common,
+                   "--gin.TrainConfig.num_train_steps=4"]) == 0
+  argv = ["distill", "--teacher", str(tmp_path / "teacher"), "--model_dir", str(tmp_path / "student"), *common,
+          "--gin.TrainConfig.num_train_steps=20", "--gin.DecoderOnlyConfig.sparse='none'", "--soft_weight", "1.0"]
+  assert cli.main(argv) == 0
+  history = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+  soft = [h["distill_loss"] for h in history if "distill_loss" in h]
+  assert len(soft) == 20 and np.mean(soft[-5:]) < np.mean(soft[:5])           # the student moves to the teacher
+  record = json.loads((tmp_path / "student" / "config.json").read_text())
+  assert record["model"]["architecture"] == "decoder_only" and record["model"]["sparse"] == "none"
+  capsys.readouterr()
+  wrong = ["distill", "--teacher", str(tmp_path / "teacher"), "--model_dir", str(tmp_path / "wrong"), "--gin_file",
+           "models/switch_cpu"]
+  assert cli.main(wrong) != 0 and "both must be of one family" in capsys.readouterr().err

@@ -121,3 +121,74 @@ def test_command_line_upcycles_a_dense_run_trains_and_resumes(tmp_path, capsys):
   record = json.loads((tmp_path / "up" / "config.json").read_text())
   assert record["model"]["encoder_sparse"] == "all" and record["model"]["moe"]["num_experts"] == 4
   assert cli.main(argv) == 0 and "already trained" in capsys.readouterr().out   # resumes: nothing left to do
+
+
+# --- decoder-only (causal LM) models -----------------------------------------------------------------------------
+def _lm(**changes):
+  from switchx.config import DecoderOnlyConfig
+  base = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, sparse="none")
+  return DecoderOnlyConfig(**{**base, **changes})
+
+
+def _lm_params(config, seed=0):
+  import flax.linen as nn
+  from switchx.models.decoder_only import DecoderOnly
+  return jax.device_get(nn.unbox(DecoderOnly(config).init(jax.random.PRNGKey(seed), jnp.ones((1, 4), jnp.int32))
+                                 ["params"]))
+
+
+def _lm_logits(config, params):
+  from switchx.models.decoder_only import DecoderOnly
+  tokens = jnp.asarray(np.random.RandomState(0).randint(1, 64, (3, 12)), jnp.int32)
+  return np.asarray(DecoderOnly(config).apply({"params": params}, tokens, train=False)[0])
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "index"])
+def test_upcycled_causal_lm_gives_the_dense_logits_when_each_token_gets_one_expert_with_gate_1(dispatch):
+  dense = _lm()
+  dense_params = _lm_params(dense)
+  moe = MoeConfig(num_experts=4, group_size=64, min_capacity=1, normalize_gates=True, eval_capacity_factor=0.0,
+                  dispatch=dispatch)
+  sparse = dense.replace(sparse="every:2", moe=moe)
+  params = upcycle_params(dense, dense_params, sparse, jax.random.PRNGKey(1))
+  assert "moe" in params["layers_1"] and "mlp" in params["layers_0"]                 # top-level layers, as the model
+  assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(np.shape, _lm_params(sparse))
+  np.testing.assert_allclose(_lm_logits(sparse, params), _lm_logits(dense, dense_params), rtol=1e-6, atol=1e-6)
+  raw = sparse.replace(moe=dataclasses.replace(moe, normalize_gates=False))   # Switch's ~1/E gate: other logits
+  assert np.abs(_lm_logits(raw, params) - _lm_logits(dense, dense_params)).max() > 1e-2
+
+
+def test_upcycling_refuses_a_config_of_another_family_or_shape():
+  dense = _lm()
+  with pytest.raises(ValueError, match="upcycling keeps the architecture"):
+    upcycle_params(dense, _lm_params(dense), _sparse(tiny_config()), jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="DecoderOnlyConfig.num_kv_heads"):
+    upcycle_params(dense, _lm_params(dense), _lm(sparse="all", num_kv_heads=4), jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="no sparse layer.*DecoderOnlyConfig.sparse"):
+    upcycle_params(dense, _lm_params(dense), _lm(), jax.random.PRNGKey(0))
+
+
+def test_command_line_upcycles_a_causal_lm_and_continues_its_data(tmp_path, capsys):
+  """`switchx train` a dense mixtral_tiny, then `switchx upcycle --continue_data`: the upcycled run's data picks up
+  where the dense run's stopped (the causal pipeline takes one chunk per row: the position moves by batch x steps),
+  and a data setting that differs fails before anything is built."""
+  from switchx.train import restore
+  common = ["--gin_file", "mixtral_tiny", "--gin.TrainConfig.num_train_steps=6", "--gin.TrainConfig.eval_every=0",
+            "--gin.TrainConfig.batch_size=4", "--gin.TrainConfig.inputs_length=24",
+            "--gin.TrainConfig.targets_length=8", "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.log_every=1",
+            "--gin.DecoderOnlyConfig.num_layers=2", "--gin.MoeConfig.num_experts=4", "--gin.MoeConfig.top_k=1"]
+  assert cli.main(["train", "--model_dir", str(tmp_path / "dense"), *common,
+                   "--gin.DecoderOnlyConfig.sparse='none'"]) == 0
+  dense_position = restore.load_model(tmp_path / "dense").data_state["position"]
+  assert dense_position == 6 * 4
+  up = ["upcycle", "--init_from", str(tmp_path / "dense"), "--model_dir", str(tmp_path / "up"), *common]
+  assert cli.main([*up, "--continue_data"]) == 0
+  loaded = restore.load_model(tmp_path / "up")
+  assert loaded.config.sparse_layers == (0, 1) and loaded.data_state["position"] == dense_position + 6 * 4
+  history = [json.loads(line) for line in (tmp_path / "up" / "metrics.jsonl").read_text().splitlines()]
+  assert np.isfinite([h["cross_entropy_loss"] for h in history if "cross_entropy_loss" in h]).all()
+  capsys.readouterr()
+  assert cli.main([*up[:4], str(tmp_path / "up2"), *common, "--gin.TrainConfig.inputs_length=32",
+                   "--continue_data"]) != 0
+  assert "pipeline state is from a different corpus or configuration" in capsys.readouterr().err
+  assert not (tmp_path / "up2" / "checkpoints").exists()

@@ -12,34 +12,42 @@ rest fresh. Held-out evaluation scores the student on the hard targets, as for a
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchx.config import DataConfig, ModelConfig, TrainConfig, check_vocab
+from switchx.config import DataConfig, DecoderOnlyConfig, ModelConfig, TrainConfig, check_vocab
+from switchx.models.decoder_only import DecoderOnly
 from switchx.models.encoder_decoder import EncoderDecoder
 from switchx.parallel.mesh import MeshConfig
 from switchx.train import restore, step as step_lib
 from switchx.train.loop import train
 
-def teacher_forward(config: ModelConfig, params):
-  """host batch -> {"teacher_logits": [B, Ld, V] float32 numpy}: the teacher in eval mode (eval capacity)."""
-  apply = jax.jit(functools.partial(EncoderDecoder(config).apply, train=False))
+def model_for(config: ModelConfig | DecoderOnlyConfig) -> EncoderDecoder | DecoderOnly:
+  return DecoderOnly(config) if isinstance(config, DecoderOnlyConfig) else EncoderDecoder(config)
+
+
+def teacher_forward(config: ModelConfig | DecoderOnlyConfig, params):
+  """host batch -> {"teacher_logits": [B, L, V] float32 numpy}: the teacher in eval mode (eval capacity) on the
+  inputs the student sees (an encoder-decoder's MODEL_INPUTS; a decoder-only model's tokens, segments, positions)."""
+  model = model_for(config)
+  apply = jax.jit(lambda params, batch: step_lib.apply_model(model, {"params": params}, batch, train=False)[0])
+  keys = step_lib.MODEL_INPUTS
 
   def add_to_batch(batch: dict) -> dict:
-    inputs = {k: jnp.asarray(v) for k, v in step_lib.model_inputs(batch).items()}   # what the student sees
-    return {"teacher_logits": np.asarray(apply({"params": params}, **inputs)[0], np.float32)}
+    inputs = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+    return {"teacher_logits": np.asarray(apply(params, inputs), np.float32)}
 
   return add_to_batch
 
 
-def student_params_from_teacher(student: ModelConfig, teacher_params, rng: jax.Array, example: dict) -> dict:
+def student_params_from_teacher(student: ModelConfig | DecoderOnlyConfig, teacher_params, rng: jax.Array,
+                                example: dict) -> dict:
   """A fresh student, with every parameter whose path and shape the teacher shares copied from the teacher
   (embeddings, attention, norms, the dense FFNs of layers dense in both; never experts or routers)."""
-  model = EncoderDecoder(student)
+  model = model_for(student)
   fresh = jax.device_get(step_lib.init_params(model, rng, example))
   teacher = {jax.tree_util.keystr(path): leaf for path, leaf in
              jax.tree_util.tree_flatten_with_path(jax.device_get(teacher_params))[0]}
@@ -61,6 +69,10 @@ def distill(teacher_dir: str | Path, model_config: ModelConfig, train_config: Tr
     raise ValueError("TrainConfig.distill_soft_weight is 0: the teacher would not count. The Switch paper uses "
                      "0.25 (--soft_weight 0.25, or --gin.TrainConfig.distill_soft_weight=0.25).")
   teacher = restore.load_model(teacher_dir)
+  if type(teacher.config) is not type(model_config):
+    raise ValueError(f"the teacher in {teacher_dir} is a {type(teacher.config).__name__}, the student a "
+                     f"{type(model_config).__name__}: distillation compares their next-token distributions on the "
+                     "same inputs, so both must be of one family. Give a student preset of the teacher's family.")
   if teacher.config.vocab_size != model_config.vocab_size:
     raise ValueError(f"the student's vocab_size={model_config.vocab_size} differs from the teacher's "
                      f"{teacher.config.vocab_size}: distillation compares their distributions token by token.")

@@ -40,8 +40,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def config_record(**configs) -> dict:
-  """JSON-serialisable view of config dataclasses (what config.json holds)."""
-  return {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
+  """JSON-serialisable view of config dataclasses (what config.json holds); a decoder-only model's says so in
+  "architecture", so that the run can be read back (restore.model_config_from)."""
+  tag = lambda cfg: {"architecture": "decoder_only"} if isinstance(cfg, DecoderOnlyConfig) else {}
+  return {name: {**tag(cfg), **dataclasses.asdict(cfg)} for name, cfg in configs.items()}
 
 
 def load_data(data: DataConfig, train: TrainConfig, process_index: int = 0, process_count: int = 1,
@@ -144,9 +146,10 @@ def with_defaults(saved, current):
 def _default_record(current: dict) -> dict:
   """The JSON record of the default config of the class `current` records (a model config or MoeConfig)."""
   from switchx.config import MoeConfig
+  keys = set(current) - {"architecture"}          # a decoder-only record's tag (config_record)
   cls = next((c for c in (ModelConfig, DecoderOnlyConfig, MoeConfig)
-              if {f.name for f in dataclasses.fields(c)} == set(current)), None)
-  return {} if cls is None else json.loads(json.dumps(dataclasses.asdict(cls())))
+              if {f.name for f in dataclasses.fields(c)} == keys), None)
+  return {} if cls is None else json.loads(json.dumps(config_record(model=cls())["model"]))
 
 
 def resume(checkpoints: Checkpointer, abstract_state, record: dict, model_dir: Path, data):
@@ -243,10 +246,12 @@ def run_loop(run, state, step: int, data, rng, tc: TrainConfig, writer: MetricWr
 def train(model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig = DataConfig(),
           mesh_config: MeshConfig = MeshConfig(), model_dir: str | Path = "runs/switchx",
           operative_config: str = "", show_progress: bool = True, name: str = "train", init_params=None,
-          add_to_batch: Callable[[dict], dict] | None = None) -> dict:
+          add_to_batch: Callable[[dict], dict] | None = None, init_data_state: dict | None = None) -> dict:
   """Trains `model_config` from scratch (or from `init_params`, a parameter tree such as an upcycled model's,
   with a fresh optimizer state), or resumes the run in model_dir. add_to_batch(host batch) -> extra arrays for
-  each training batch (distillation's teacher_logits). -> a summary (losses, histories, speed)."""
+  each training batch (distillation's teacher_logits). init_data_state (a checkpoint's data position, e.g. the
+  dense run an upcycled model continues) starts a new run's data there instead of at the corpus' beginning.
+  -> a summary (losses, histories, speed)."""
   t0 = time.perf_counter()
   # --- 1. Checks that cost nothing, and the run directory -------------------------------------------------
   if train_config.distill_soft_weight > 0 and add_to_batch is None:
@@ -269,6 +274,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
   tokenizer, train_data, eval_batches = load_data(data_config, train_config, process_index, process_count,
                                                   causal=isinstance(model_config, DecoderOnlyConfig))
   check_vocab(model_config, tokenizer.vocab_size - 1, f"the tokenizer's ids (vocabulary {tokenizer.vocab_size})")
+  if init_data_state is not None:   # checked against this pipeline's corpus and settings; a resume overrides it
+    train_data.set_state(init_data_state)
 
   # --- 4. Model, optimizer, shardings (validated), compiled steps ------------------------------------------
   if add_to_batch is not None:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from switchx import data as data_lib
-from switchx.config import DataConfig, ModelConfig, TrainConfig, config_from_dict
+from switchx.config import DataConfig, DecoderOnlyConfig, ModelConfig, TrainConfig, config_from_dict
 from switchx.data import sources
 from switchx.interop.native import load
 from switchx.parallel.mesh import MeshConfig, make_mesh
@@ -37,7 +37,14 @@ ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
                        "relative_attention_max_distance", "logits_via_embedding", "layer_norm_epsilon",
                        "encoder_sparse", "decoder_sparse", "rescale_tied_logits", "position_embedding", "norm",
                        "use_bias", "scale_embeddings")
+DECODER_ONLY_ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                    "d_ff", "activation", "tie_embeddings", "qk_norm", "qkv_bias", "sparse")
 MOE_ARCHITECTURE_FIELDS = ("num_experts", "expert_d_ff", "route_by", "num_tasks")
+
+
+def architecture_fields(config: ModelConfig | DecoderOnlyConfig) -> tuple[str, ...]:
+  """The fields of `config`'s family that fix its parameters' shapes or what they compute."""
+  return DECODER_ONLY_ARCHITECTURE_FIELDS if isinstance(config, DecoderOnlyConfig) else ARCHITECTURE_FIELDS
 
 
 @dataclasses.dataclass
@@ -47,6 +54,7 @@ class LoadedModel:
   record: dict                      # the run's config.json ({} for a saved model)
   step: int | None                  # checkpoint step (None for a saved model)
   source: str                       # what was read
+  data_state: dict | None = None    # the training data's position at that checkpoint (run directories)
 
   @property
   def train_config(self) -> TrainConfig | None:
@@ -96,7 +104,11 @@ def apply_overrides(saved: ModelConfig, model_changes: dict | None = None,
 
 def check_compatible(saved: ModelConfig, given: ModelConfig, source: str = "the checkpoint") -> None:
   """Raises a ValueError naming the first architecture field on which `given` differs from `saved`."""
-  checks = [("ModelConfig", name, getattr(saved, name), getattr(given, name)) for name in ARCHITECTURE_FIELDS]
+  if type(saved) is not type(given):
+    raise ValueError(f"{source} holds a {type(saved).__name__}, the config given is a {type(given).__name__}: "
+                     "their parameters differ in kind. Use a preset of the checkpoint's family.")
+  owner = type(saved).__name__
+  checks = [(owner, name, getattr(saved, name), getattr(given, name)) for name in architecture_fields(saved)]
   if saved.is_sparse or given.is_sparse:
     checks += [("MoeConfig", name, getattr(saved.moe, name), getattr(given.moe, name))
                for name in MOE_ARCHITECTURE_FIELDS]
@@ -164,7 +176,7 @@ def load_model(path: str | Path, partitioner: Partitioner | None = None) -> Load
     state, meta, step = checkpoints.restore(abstract)
   finally:
     checkpoints.close()
-  return LoadedModel(config, state.params, record, step, f"{ckpt_dir}/{step}")
+  return LoadedModel(config, state.params, record, step, f"{ckpt_dir}/{step}", meta.get("data"))
 
 
 # --- the model's tokenizer -------------------------------------------------------------------------------

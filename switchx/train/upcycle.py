@@ -1,4 +1,5 @@
-"""Sparse upcycling (Komatsuzaki et al. 2022): a trained dense T5 becomes a Switch model, then trains on.
+"""Sparse upcycling (Komatsuzaki et al. 2022): a trained dense model (a T5 encoder-decoder or a decoder-only LM)
+becomes a Switch model, then trains on.
 
     params = upcycle_params(dense_config, dense_params, sparse_config, jax.random.PRNGKey(0))
     summary = upcycle("runs/dense", sparse_config, train_config, data_config, model_dir="runs/upcycled")
@@ -8,7 +9,8 @@ Every expert of a sparse layer starts as that layer's dense FFN (wi / wo copied 
 copied. With Drop-Upcycling (arXiv 2502.19261, `reinit_fraction` r > 0) each expert re-initialises a random r of
 its hidden units (the same columns of wi and rows of wo), drawn per expert, from the statistics of the dense
 weights, so the experts start diverse. Training then runs through the normal trainer (train/loop.py) with a fresh
-optimizer state; an interrupted run resumes from its own checkpoints.
+optimizer state, its data from the corpus' beginning or (continue_data) where the dense run stopped; an
+interrupted run resumes from its own checkpoints.
 """
 
 from __future__ import annotations
@@ -19,35 +21,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchx.config import DataConfig, ModelConfig, TrainConfig
+from switchx.config import DataConfig, DecoderOnlyConfig, ModelConfig, TrainConfig
 from switchx.parallel.mesh import MeshConfig
 from switchx.train import restore
 from switchx.train.loop import train
 
-DENSE_ONLY_FIELDS = ("encoder_sparse", "decoder_sparse")
+LAYOUT_FIELDS = ("encoder_sparse", "decoder_sparse", "sparse")   # which layers are sparse: what upcycling changes
 
 
-def check_upcyclable(dense: ModelConfig, sparse: ModelConfig, source: str = "the dense model") -> None:
+def sparse_layers_by_stack(config: ModelConfig | DecoderOnlyConfig) -> dict[str, tuple[int, ...]]:
+  """{the parameter tree's key of each layer stack ("" for a decoder-only model's top level): its sparse layers}."""
+  if isinstance(config, DecoderOnlyConfig):
+    return {"": config.sparse_layers}
+  return {"encoder": config.encoder_sparse_layers, "decoder": config.decoder_sparse_layers}
+
+
+def check_upcyclable(dense, sparse, source: str = "the dense model") -> None:
   """The sparse config must be the dense one with some dense FFN layers made sparse, experts of the FFN's size."""
+  if type(dense) is not type(sparse):
+    raise ValueError(f"{source} is a {type(dense).__name__}, the upcycled config a {type(sparse).__name__}: "
+                     "upcycling keeps the architecture. Give a Switch preset of the same family (e.g. "
+                     "models/switch_cpu for an encoder-decoder, models/switch_lm_cpu for a decoder-only model).")
+  owner = type(sparse).__name__
   if not sparse.is_sparse:
-    raise ValueError("the upcycled config has no sparse layer: give a Switch preset (e.g. --gin_file "
-                     "models/switch_cpu) or set ModelConfig.encoder_sparse / decoder_sparse.")
-  fields = [f for f in restore.ARCHITECTURE_FIELDS if f not in DENSE_ONLY_FIELDS]
-  for name in fields:
-    if getattr(dense, name) != getattr(sparse, name):
-      raise ValueError(f"ModelConfig.{name}={getattr(sparse, name)!r} differs from {source}'s "
+    layout = "DecoderOnlyConfig.sparse" if owner == "DecoderOnlyConfig" else "ModelConfig.encoder_sparse / decoder_sparse"
+    raise ValueError(f"the upcycled config has no sparse layer: give a Switch preset (e.g. --gin_file "
+                     f"models/switch_cpu) or set {layout}.")
+  for name in restore.architecture_fields(dense):
+    if name not in LAYOUT_FIELDS and getattr(dense, name) != getattr(sparse, name):
+      raise ValueError(f"{owner}.{name}={getattr(sparse, name)!r} differs from {source}'s "
                        f"{getattr(dense, name)!r}; an upcycled model keeps every shape of the dense one. Drop the "
                        f"binding or match {source}.")
   if sparse.expert_d_ff != dense.d_ff:
     raise ValueError(f"MoeConfig.expert_d_ff={sparse.moe.expert_d_ff} differs from {source}'s d_ff={dense.d_ff}: "
                      "each expert starts as a copy of the dense FFN, so it must have its size (leave it None).")
-  for stack in ("encoder", "decoder"):
-    already = sorted(set(getattr(dense, f"{stack}_sparse_layers")) & set(getattr(sparse, f"{stack}_sparse_layers")))
+  for stack, layers in sparse_layers_by_stack(sparse).items():
+    already = sorted(set(sparse_layers_by_stack(dense)[stack]) & set(layers))
     if already:
-      raise ValueError(f"{source} already has sparse {stack} layers {already}; upcycling starts from dense FFNs.")
+      raise ValueError(f"{source} already has sparse {stack or 'decoder'} layers {already}; upcycling starts from "
+                       "dense FFNs.")
 
 
-def upcycle_params(dense_config: ModelConfig, dense_params, sparse_config: ModelConfig, rng: jax.Array,
+def upcycle_params(dense_config, dense_params, sparse_config, rng: jax.Array,
                    router_stddev: float = 0.02, reinit_fraction: float = 0.0) -> dict:
   """The sparse model's parameters (numpy float32) from the dense model's: see the module doc."""
   check_upcyclable(dense_config, sparse_config)
@@ -56,12 +71,12 @@ def upcycle_params(dense_config: ModelConfig, dense_params, sparse_config: Model
                      "units Drop-Upcycling re-initialises; 0: plain upcycling).")
   num_experts = sparse_config.moe.num_experts
   params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), dense_params)
-  out = {"encoder": dict(params["encoder"]), "decoder": dict(params["decoder"])}
-  out.update({k: v for k, v in params.items() if k not in out})
-  for s, stack in enumerate(("encoder", "decoder")):
-    for i in getattr(sparse_config, f"{stack}_sparse_layers"):
+  out = dict(params)
+  for s, (stack, sparse_layers) in enumerate(sparse_layers_by_stack(sparse_config).items()):
+    layers = dict(out[stack]) if stack else out                          # a decoder-only model's layers are top-level
+    for i in sparse_layers:
       router_rng, reinit_rng = jax.random.split(jax.random.fold_in(rng, 1000 * s + i))
-      layer = dict(out[stack][f"layers_{i}"])
+      layer = dict(layers[f"layers_{i}"])
       mlp = layer.pop("mlp")                                             # {wi | wi_0, wi_1, wo: {kernel[, bias]}}
       experts = {name: np.repeat(w["kernel"][None], num_experts, axis=0) for name, w in mlp.items()}  # [E, ...]
       if reinit_fraction > 0:
@@ -70,7 +85,9 @@ def upcycle_params(dense_config: ModelConfig, dense_params, sparse_config: Model
                       for name, w in mlp.items() if "bias" in w})
       router = router_stddev * jax.random.normal(router_rng, (dense_config.d_model, num_experts), jnp.float32)
       layer["moe"] = {"experts": experts, "router": np.asarray(router)}
-      out[stack][f"layers_{i}"] = layer
+      layers[f"layers_{i}"] = layer
+    if stack:
+      out[stack] = layers
   return out
 
 
@@ -94,16 +111,21 @@ def _drop_upcycle(experts: dict, fraction: float, rng: jax.Array) -> dict:
   return out
 
 
-def upcycle(init_from: str | Path, model_config: ModelConfig, train_config: TrainConfig,
+def upcycle(init_from: str | Path, model_config: ModelConfig | DecoderOnlyConfig, train_config: TrainConfig,
             data_config: DataConfig = DataConfig(), mesh_config: MeshConfig = MeshConfig(),
             model_dir: str | Path = "runs/upcycled", router_stddev: float = 0.02, reinit_fraction: float = 0.0,
-            operative_config: str = "", show_progress: bool = True) -> dict:
+            operative_config: str = "", show_progress: bool = True, continue_data: bool = False) -> dict:
   """Upcycles the dense model in `init_from` (a run directory, its best/, or a switchx.save directory) into
-  `model_config` and trains it with `train_config` from a fresh optimizer state. Re-running resumes."""
+  `model_config` and trains it with `train_config` from a fresh optimizer state. continue_data: the data starts
+  where the dense run's checkpoint left it (the same corpus and settings; a run directory only), so the upcycled
+  model sees new text as the dense model would have; otherwise from the beginning. Re-running resumes."""
   loaded = restore.load_model(init_from)
   check_upcyclable(loaded.config, model_config, f"the model in {init_from}")
+  if continue_data and loaded.data_state is None:
+    raise ValueError(f"continue_data: {init_from} holds no data position (a switchx.save or transformers "
+                     "directory); give the dense run's directory, or start the data from the beginning.")
   params = upcycle_params(loaded.config, jax.device_get(loaded.params), model_config,
                           jax.random.PRNGKey(train_config.seed), router_stddev, reinit_fraction)
   return train(model_config, train_config, data_config, mesh_config, model_dir=model_dir,
                operative_config=operative_config, show_progress=show_progress, name="upcycle",
-               init_params=params)
+               init_params=params, init_data_state=loaded.data_state if continue_data else None)
