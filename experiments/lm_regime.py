@@ -59,6 +59,21 @@ def setting(args) -> dict:
   return base
 
 
+def add_setting_flag(p) -> None:
+  """--setting for the experiments that run in this study's causal LM or in the encoder-decoder (common.setting)."""
+  p.add_argument("--setting", default="lm", choices=("lm", "encdec"),
+                 help="lm (default): the causal LM where Switch beats dense (experiments/lm_regime.py, README section "
+                      "9); encdec: the encoder-decoder of experiments/common.py")
+
+
+def family(args, experts: int) -> tuple[dict, list[str], list[str], str]:
+  """(base setting, the dense model's bindings, Switch-E's bindings, run-name prefix) for args.setting; the lm
+  names are this study's, so its dense and Switch runs are found in its cache."""
+  if args.setting == "lm":
+    return setting(args), DENSE, [f"MoeConfig.num_experts={experts}"], "lm-"
+  return common.setting(args), common.DENSE, common.all_sparse(experts), ""
+
+
 def switch_label(experts: int, args) -> str:
   label = f"switch-{experts}"
   return label + (" [" + ", ".join(b.split(".", 1)[-1] for b in args.switch_gin) + "]" if args.switch_gin else "")

@@ -53,14 +53,19 @@ def test_script_quick_mode(script, name, extra, work):
     assert rows["control: d_ff x8"]["total_params"] > rows["dense"]["total_params"]
     assert rows["switch-2"]["flops_per_token"] < 1.02 * rows["dense"]["flops_per_token"]
     assert rows["dense"]["steps_to_dense_loss"][0] is not None
-  if name == "upcycling":  # three arms at equal compute; the upcycled curve starts after the dense steps
-    assert [row["arm"] for row in payload["rows"]] == ["dense continued", "upcycled", "switch-8 from scratch"]
-    assert payload["rows"][1]["runs"][0]["eval_curve"][0][0] > payload["dense_steps"]
+  if name == "upcycling":  # four arms at equal compute; the continued arms carry the dense run's first steps
+    assert [row["arm"] for row in payload["rows"]] == ["dense continued", "upcycled", "switch-8 from scratch",
+                                                       "dense from scratch"]
+    for row in payload["rows"][:2]:
+      steps = [s for s, _ in row["runs"][0]["eval_curve"]]
+      assert steps[0] <= payload["dense_steps"] < steps[-1] == payload["setting"]["steps"]
   if name == "distillation":  # the kept share is not read where the teacher has no gain to keep
     assert len(payload["kept_gain"]) == 1
     assert ("not read" in (out / f"{name}.md").read_text()) == (payload["teacher_gain"] <= 0)
   if name == "balancing":  # the load CV over training, per variant; granularity keeps the FLOPs per token
     rows = {row["variant"]: row for row in payload["rows"]}
+    assert payload["dense"]["eval_loss_mean"] and rows["switch loss (group)"]["gain_vs_dense"] is not None
+    assert len(rows["bias (no loss)"]["final_bias"][0]) == 1 and not rows["switch loss (group)"]["final_bias"][0]
     assert all(row["load_cv_curves"][0] for row in rows.values())
     fine, coarse = rows["granularity 2"]["flops_per_token"], rows["switch loss (group)"]["flops_per_token"]
     assert coarse < fine < 1.03 * coarse          # the same expert FLOPs; only the router grows (2x the experts)
