@@ -190,8 +190,11 @@ def switchx_phases(config: ModelConfig, host_batch: dict) -> dict:
           "full step": full}
 
 
-def hf_phases(config: ModelConfig, host_batch: dict, expert_capacity: int) -> dict:
-  """The same three phases for transformers (forward in training mode, + backward, + AdamW step)."""
+def hf_phases(config: ModelConfig, host_batch: dict, expert_capacity: int, autocast: bool = False) -> dict:
+  """The same three phases for transformers (forward in training mode, + backward, + AdamW step); autocast: the
+  forward under torch.autocast("cpu", bfloat16), as hf_step."""
+  import contextlib
+
   import torch
   model = hf_model(config, expert_capacity)
   model.train()
@@ -199,14 +202,17 @@ def hf_phases(config: ModelConfig, host_batch: dict, expert_capacity: int) -> di
   decoder_inputs = torch.from_numpy(host_batch["decoder_input_tokens"]).long()
   labels = torch.from_numpy(host_batch["decoder_target_tokens"]).long()
   kwargs = {"output_router_logits": True} if config.is_sparse else {}
+  cast = lambda: torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
   def forward():
-    with torch.no_grad():
+    with torch.no_grad(), cast():
       model(input_ids=inputs, decoder_input_ids=decoder_inputs, labels=labels, **kwargs)
 
   def backward():
     model.zero_grad(set_to_none=True)
-    model(input_ids=inputs, decoder_input_ids=decoder_inputs, labels=labels, **kwargs).loss.backward()
+    with cast():
+      loss = model(input_ids=inputs, decoder_input_ids=decoder_inputs, labels=labels, **kwargs).loss
+    loss.backward()
 
   return {"forward": forward, "forward + backward": backward,
-          "full step": hf_step(config, host_batch, expert_capacity)}
+          "full step": hf_step(config, host_batch, expert_capacity, autocast)}

@@ -139,17 +139,23 @@ def case_decode(experts: int, dtype: str, quick: bool, rounds: int, repeats: int
   return rows
 
 
-def case_profile(experts: int, quick: bool, rounds: int, repeats: int) -> dict:
-  """Where case 1's step time goes (float32): forward, forward + backward, full step, in both frameworks."""
+def case_profile(experts: int, dtype: str, quick: bool, rounds: int, repeats: int) -> dict:
+  """Where case 1's step time goes: forward, forward + backward, full step, for switchx in `dtype` and for
+  transformers in its two settings (float32; autocast where switchx runs bfloat16), alternated in one run."""
   import torch
   torch.set_num_threads(threads())
-  config = programs.case1_config(experts, **(dict(QUICK_SIZE) if quick else {}))
+  config = programs.case1_config(experts, dtype=dtype, **(dict(QUICK_SIZE) if quick else {}))
   host = programs.batch(config, *BATCH)
   ours = programs.switchx_phases(config, host)
-  theirs = programs.hf_phases(config, host, programs.hf_capacity(config, BATCH[1]))
-  programs_ = {f"switchx {k}": v for k, v in ours.items()} | {f"transformers {k}": v for k, v in theirs.items()}
+  theirs = config.replace(dtype="float32")
+  capacity = programs.hf_capacity(config, BATCH[1])
+  programs_ = {f"switchx {k}": v for k, v in ours.items()}
+  for name in HF_SETTINGS if dtype == "bfloat16" else HF_SETTINGS[:1]:
+    programs_ |= {f"{name} {k}": v for k, v in
+                  programs.hf_phases(theirs, host, capacity, autocast=name.endswith("autocast")).items()}
   times = timing.alternate(programs_, rounds, repeats)
-  return {"case": 5, "experts": experts, "ms": {k: 1000 * statistics.median(v) for k, v in times.items()}}
+  return {"case": 5, "experts": experts, "dtype": dtype,
+          "ms": {k: 1000 * statistics.median(v) for k, v in times.items()}}
 
 
 def case_optimizer_share(model: str, dtype: str, quick: bool, rounds: int, repeats: int, bandwidth: float,
@@ -280,14 +286,19 @@ def table(results: list[dict], meta: dict) -> str:
     lines.append("")
   five = [r for r in results if r["case"] == 5]
   if five:
-    lines += ["Profile of case 1 (float32): median ms of each phase, measured alternately in one run (the no-grad "
-              "forward of transformers skips autograd bookkeeping, so it is a lower bound).", "",
+    lines += ["Profile of case 1: median ms of each phase, measured alternately in one run per row group (the "
+              "no-grad forward of transformers skips autograd bookkeeping, so it is a lower bound); switchx in the "
+              "group's dtype, transformers in float32 and, beside bfloat16 switchx, under autocast.", "",
               "| experts | framework | forward | backward (fwd+bwd - fwd) | optimizer and rest | full step |",
               "|---|---|---|---|---|---|"]
     for r in five:
-      for who in ("switchx", "transformers"):
+      dtype = r.get("dtype", "float32")            # rows measured before the bfloat16 profile: float32
+      for who in ("switchx", *HF_SETTINGS):
+        if f"{who} full step" not in r["ms"]:
+          continue
         f, fb, full = (r["ms"][f"{who} {k}"] for k in ("forward", "forward + backward", "full step"))
-        lines.append(f"| {r['experts']} | {who} | {f:.0f} | {fb - f:.0f} | {full - fb:.0f} | {full:.0f} |")
+        label = {"switchx": f"switchx {dtype}", "transformers": "transformers float32"}.get(who, who)
+        lines.append(f"| {r['experts']} | {label} | {f:.0f} | {fb - f:.0f} | {full - fb:.0f} | {full:.0f} |")
     lines.append("")
   six = [r for r in results if r["case"] == 6]
   if six:
@@ -393,7 +404,8 @@ def main(argv=None) -> list[dict]:
       results.extend(case_decode(8, dtype, args.quick, rounds, repeats))
   if 5 in cases:
     for experts in ((8,) if args.quick else (8, 128)):
-      results.append(case_profile(experts, args.quick, rounds, repeats))
+      for dtype in ((args.dtype,) if args.quick else dtypes):
+        results.append(case_profile(experts, dtype, args.quick, rounds, repeats))
   if 6 in cases:
     for model in (("switch-32",) if args.quick else ("switch-32", "dense", "case3-512")):
       results.append(case_optimizer_share(model, args.dtype, args.quick, rounds, repeats, bandwidth))

@@ -33,7 +33,10 @@ def test_benchmarks_quick(tmp_path):
     assert r["transformers_autocast_tokens_per_s"] > 0 and "times" in r and len(r["times"]) == 3
     assert r["token_agreement"] > 0.5   # same weights, greedy: the two decoders mostly pick the same tokens
   five = [r for r in results if r["case"] == 5][0]
-  assert all(ms > 0 for ms in five["ms"].values()) and len(five["ms"]) == 6   # 3 phases x 2 frameworks
+  # 3 phases x (switchx, transformers float32, and beside bfloat16 switchx transformers under autocast)
+  assert all(ms > 0 for ms in five["ms"].values())
+  assert len(five["ms"]) == (9 if five["dtype"] == "bfloat16" else 6) and five["dtype"] == payload["meta"]["dtype"]
+  assert "| transformers float32 |" in (tmp_path / "bench.md").read_text()
   six = [r for r in results if r["case"] == 6][0]
   assert six["adamw_ms"] > 0 and six["sgd_ms"] > 0 and six["extra_floor_ms"] > 0
   assert (tmp_path / "case3_scaling.png").stat().st_size > 0
