@@ -316,7 +316,7 @@ def _upcycle(args: argparse.Namespace) -> int:
   return _run_training(args, "upcycle", lambda gin, mesh: upcycle(
       args.init_from, gin.model_config(), gin.train_config(), gin.data_config(), mesh, model_dir=args.model_dir,
       router_stddev=args.router_stddev, reinit_fraction=args.reinit_fraction, continue_data=args.continue_data,
-      operative_config=gin.operative_config()))
+      carry_optimizer_state=args.carry_optimizer_state, operative_config=gin.operative_config()))
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
   up.add_argument("--continue_data", action="store_true",
                   help="start the data where the dense run's checkpoint stopped (same corpus and settings), not at "
                        "the beginning")
+  up.add_argument("--carry_optimizer_state", action="store_true",
+                  help="start from the dense run's optimizer state (each expert's moments its dense FFN's, the "
+                       "routers' fresh; the same optimizer) instead of a fresh one")
   up.set_defaults(run=_upcycle)
 
   dist = sub.add_parser("distill", help="distil a trained (sparse) teacher into the student config (--gin_file: "

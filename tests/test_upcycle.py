@@ -169,9 +169,10 @@ def test_upcycling_refuses_a_config_of_another_family_or_shape():
 
 
 def test_command_line_upcycles_a_causal_lm_and_continues_its_data(tmp_path, capsys):
-  """`switchx train` a dense mixtral_tiny, then `switchx upcycle --continue_data`: the upcycled run's data picks up
-  where the dense run's stopped (the causal pipeline takes one chunk per row: the position moves by batch x steps),
-  and a data setting that differs fails before anything is built."""
+  """`switchx train` a dense mixtral_tiny, then `switchx upcycle --continue_data --carry_optimizer_state`: the
+  upcycled run's data picks up where the dense run's stopped (the causal pipeline takes one chunk per row: the
+  position moves by batch x steps) and its optimizer counts on from the dense run's steps; a data setting that
+  differs fails before anything is built."""
   from switchx.train import restore
   common = ["--gin_file", "mixtral_tiny", "--gin.TrainConfig.num_train_steps=6", "--gin.TrainConfig.eval_every=0",
             "--gin.TrainConfig.batch_size=4", "--gin.TrainConfig.inputs_length=24",
@@ -182,9 +183,12 @@ def test_command_line_upcycles_a_causal_lm_and_continues_its_data(tmp_path, caps
   dense_position = restore.load_model(tmp_path / "dense").data_state["position"]
   assert dense_position == 6 * 4
   up = ["upcycle", "--init_from", str(tmp_path / "dense"), "--model_dir", str(tmp_path / "up"), *common]
-  assert cli.main([*up, "--continue_data"]) == 0
-  loaded = restore.load_model(tmp_path / "up")
+  assert cli.main([*up, "--continue_data", "--carry_optimizer_state"]) == 0
+  loaded = restore.load_model(tmp_path / "up", with_optimizer_state=True)
   assert loaded.config.sparse_layers == (0, 1) and loaded.data_state["position"] == dense_position + 6 * 4
+  counts = [int(c) for p, c in jax.tree_util.tree_flatten_with_path(jax.device_get(loaded.opt_state))[0]
+            if jax.tree_util.keystr(p).endswith(".count") and np.ndim(c) == 0]
+  assert counts and set(counts) == {12}         # the dense run's 6 optimizer steps carried, then 6 more
   history = [json.loads(line) for line in (tmp_path / "up" / "metrics.jsonl").read_text().splitlines()]
   assert np.isfinite([h["cross_entropy_loss"] for h in history if "cross_entropy_loss" in h]).all()
   capsys.readouterr()
@@ -192,3 +196,47 @@ def test_command_line_upcycles_a_causal_lm_and_continues_its_data(tmp_path, caps
                    "--continue_data"]) != 0
   assert "pipeline state is from a different corpus or configuration" in capsys.readouterr().err
   assert not (tmp_path / "up2" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
+def test_carried_optimizer_state_gives_each_expert_its_dense_ffns_and_fresh_routers(optimizer):
+  """--carry_optimizer_state: every expert's optimizer entries (Adafactor's per-expert branch, AdamW's moments) are
+  the dense FFN's, counters the dense run's, the router's fresh; a dense run of another optimizer is an error."""
+  from switchx.train import optim
+  from switchx.train.upcycle import upcycle_optimizer_state
+  dense, train = _lm(), TrainConfig(optimizer=optimizer, learning_rate=1e-2, schedule="constant", warmup_steps=0)
+  sparse = dense.replace(sparse="every:2", moe=MoeConfig(num_experts=4, group_size=64))
+  tx = optim.make_optimizer(train, config=dense)[0]
+  dense_params = _lm_params(dense)
+  state = tx.init(dense_params)
+  for seed in range(3):   # a few updates with random gradients: moments that differ from a fresh state
+    grads = jax.tree_util.tree_map(lambda p: np.random.RandomState(seed).normal(size=p.shape).astype(np.float32),
+                                   dense_params)
+    state = tx.update(grads, state, dense_params)[1]
+  sparse_params = upcycle_params(dense, dense_params, sparse, jax.random.PRNGKey(1))
+  sparse_tx = optim.make_optimizer(train, config=sparse)[0]
+  fresh = jax.device_get(sparse_tx.init(sparse_params))
+  carried = upcycle_optimizer_state(jax.device_get(state), fresh, 4)
+  dense_leaves = dict((jax.tree_util.keystr(p), np.asarray(v))
+                      for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0])
+  checked = {"expert": 0, "router": 0, "count": 0}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(carried)[0]:
+    key, leaf = jax.tree_util.keystr(path), np.asarray(leaf)
+    fresh_leaf = np.asarray(dict((jax.tree_util.keystr(p), v) for p, v in
+                                 jax.tree_util.tree_flatten_with_path(fresh)[0])[key])
+    if "['experts']['wi_0']" in key and leaf.size > 4:
+      named = key.replace("['moe']['experts']['wi_0']", "['mlp']['wi_0']['kernel']")   # the dense FFN's entry,
+      source = dense_leaves.get(named, dense_leaves.get(named.replace("['expert']", "['dense']")))  # its branch
+      assert all(np.array_equal(leaf[e], source) for e in range(4)) and not np.array_equal(leaf, fresh_leaf)
+      checked["expert"] += 1
+    elif "['router']" in key:
+      np.testing.assert_array_equal(leaf, fresh_leaf)
+      checked["router"] += 1
+    elif key.endswith(".count") and leaf.ndim == 0:
+      assert int(leaf) == 3
+      checked["count"] += 1
+  assert all(checked.values()), checked
+  other = optim.make_optimizer(dataclasses.replace(train, optimizer="adamw" if optimizer == "adafactor"
+                                                   else "adafactor"), config=dense)[0]
+  with pytest.raises(ValueError, match="another optimizer"):
+    upcycle_optimizer_state(jax.device_get(other.init(dense_params)), fresh, 4)

@@ -246,12 +246,14 @@ def run_loop(run, state, step: int, data, rng, tc: TrainConfig, writer: MetricWr
 def train(model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig = DataConfig(),
           mesh_config: MeshConfig = MeshConfig(), model_dir: str | Path = "runs/switchx",
           operative_config: str = "", show_progress: bool = True, name: str = "train", init_params=None,
-          add_to_batch: Callable[[dict], dict] | None = None, init_data_state: dict | None = None) -> dict:
+          add_to_batch: Callable[[dict], dict] | None = None, init_data_state: dict | None = None,
+          init_opt_state: Callable[[Any], Any] | None = None) -> dict:
   """Trains `model_config` from scratch (or from `init_params`, a parameter tree such as an upcycled model's,
   with a fresh optimizer state), or resumes the run in model_dir. add_to_batch(host batch) -> extra arrays for
   each training batch (distillation's teacher_logits). init_data_state (a checkpoint's data position, e.g. the
   dense run an upcycled model continues) starts a new run's data there instead of at the corpus' beginning.
-  -> a summary (losses, histories, speed)."""
+  init_opt_state(the fresh optimizer state around init_params, on the host) -> the one to start from (e.g. the
+  dense run's moments carried into an upcycled model). -> a summary (losses, histories, speed)."""
   t0 = time.perf_counter()
   # --- 1. Checks that cost nothing, and the run directory -------------------------------------------------
   if train_config.distill_soft_weight > 0 and add_to_batch is None:
@@ -293,7 +295,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
   checkpoints = Checkpointer(model_dir / "checkpoints", keep=train_config.keep_checkpoints)
   resumed = resume(checkpoints, run.abstract_state(), record, model_dir, train_data)
   if resumed is None and init_params is not None:
-    resumed = run.init_from_params(init_params), 0
+    state = run.init_from_params(init_params)
+    if init_opt_state is not None:
+      opt_state = init_opt_state(jax.device_get(state.opt_state))
+      state = state.replace(opt_state=jax.device_put(opt_state, run.state_shardings.opt_state))
+    resumed = state, 0
   state, step = resumed or (run.init(jax.random.PRNGKey(train_config.seed)), 0)
   if process_index == 0:
     (model_dir / "config.json").write_text(json.dumps(record, indent=1))

@@ -55,6 +55,7 @@ class LoadedModel:
   step: int | None                  # checkpoint step (None for a saved model)
   source: str                       # what was read
   data_state: dict | None = None    # the training data's position at that checkpoint (run directories)
+  opt_state: Any = None             # its optimizer state, where load_model(with_optimizer_state=True)
 
   @property
   def train_config(self) -> TrainConfig | None:
@@ -151,7 +152,8 @@ def checkpoint_dir(path: Path) -> tuple[Path, Path]:
                           "inside one (e.g. RUN/best).")
 
 
-def load_model(path: str | Path, partitioner: Partitioner | None = None) -> LoadedModel:
+def load_model(path: str | Path, partitioner: Partitioner | None = None,
+               with_optimizer_state: bool = False) -> LoadedModel:
   """The model in `path`: a run directory (newest usable checkpoint of RUN/checkpoints, or of RUN/best when
   path is RUN/best), or a switchx.save / transformers directory. Checkpoints are restored onto
   `partitioner`'s mesh (default: one device)."""
@@ -176,7 +178,8 @@ def load_model(path: str | Path, partitioner: Partitioner | None = None) -> Load
     state, meta, step = checkpoints.restore(abstract)
   finally:
     checkpoints.close()
-  return LoadedModel(config, state.params, record, step, f"{ckpt_dir}/{step}", meta.get("data"))
+  return LoadedModel(config, state.params, record, step, f"{ckpt_dir}/{step}", meta.get("data"),
+                     state.opt_state if with_optimizer_state else None)
 
 
 # --- the model's tokenizer -------------------------------------------------------------------------------

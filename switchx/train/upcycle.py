@@ -9,12 +9,14 @@ Every expert of a sparse layer starts as that layer's dense FFN (wi / wo copied 
 copied. With Drop-Upcycling (arXiv 2502.19261, `reinit_fraction` r > 0) each expert re-initialises a random r of
 its hidden units (the same columns of wi and rows of wo), drawn per expert, from the statistics of the dense
 weights, so the experts start diverse. Training then runs through the normal trainer (train/loop.py) with a fresh
-optimizer state, its data from the corpus' beginning or (continue_data) where the dense run stopped; an
-interrupted run resumes from its own checkpoints.
+optimizer state or (carry_optimizer_state) the dense run's, each expert's moments its dense FFN's and the
+routers' fresh (upcycle_optimizer_state); its data from the corpus' beginning or (continue_data) where the dense
+run stopped. An interrupted run resumes from its own checkpoints.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -91,6 +93,52 @@ def upcycle_params(dense_config, dense_params, sparse_config, rng: jax.Array,
   return out
 
 
+# An expert weight's path in the sparse tree -> its dense FFN's: ['moe']['experts']['wi_0'] <- ['mlp']['wi_0']['kernel'],
+# ['moe']['experts']['wo_bias'] <- ['mlp']['wo']['bias'] (keystr spelling; the routers have no dense source).
+_EXPERT_LEAF = re.compile(r"\['moe'\]\['experts'\]\['(\w+?)(_bias)?'\]")
+
+
+def _dense_paths(sparse_path: str) -> list[str]:
+  """Where a sparse optimizer-state leaf's dense counterpart may be: the same path with expert weights named as
+  the dense FFN's, in the same optimizer branch or (Adafactor's per-expert branch, optim.per_expert) the dense one."""
+  path = _EXPERT_LEAF.sub(lambda m: f"['mlp']['{m.group(1)}']['{'bias' if m.group(2) else 'kernel'}']", sparse_path)
+  return [path, path.replace(".inner_states['expert']", ".inner_states['dense']", 1)]
+
+
+def upcycle_optimizer_state(dense_opt_state, fresh_opt_state, num_experts: int):
+  """The dense run's optimizer state carried into the upcycled model's (both host trees of the same optimizer):
+  every leaf that mirrors a parameter (AdamW's moments, Adafactor's factored second moments, ...) is copied from
+  the dense run, an expert's from its dense FFN's (repeated over the experts); what has no dense source (the
+  routers) keeps its fresh value. Step counters are copied too, so Adam's bias correction, Adafactor's decay and
+  the learning-rate schedule go on from the dense run's step (as Komatsuzaki et al. continue T5's schedule).
+  A leaf whose shape fits neither way is an error."""
+  dense = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(dense_opt_state)[0]}
+  carried = []
+
+  def carry(path, fresh):
+    key = jax.tree_util.keystr(path)
+    source = next((dense[k] for k in _dense_paths(key) if k in dense), None)
+    if source is None:
+      return fresh
+    source, shape = np.asarray(source), np.shape(fresh)
+    if source.shape == shape:
+      out = source
+    elif (num_experts, *source.shape) == shape:
+      out = np.repeat(source[None], num_experts, axis=0)
+    else:
+      raise ValueError(f"optimizer state {key}: the dense run's {source.shape} fits neither {shape} nor "
+                       f"({num_experts}, ...): was the dense run trained with another optimizer? Start the upcycled "
+                       "model with a fresh optimizer state (no --carry_optimizer_state).")
+    carried.append(key)
+    return out.astype(np.asarray(fresh).dtype)
+
+  out = jax.tree_util.tree_map_with_path(carry, fresh_opt_state)
+  if not carried:
+    raise ValueError("no optimizer-state entry of the dense run matches the upcycled model's: was it trained with "
+                     "another optimizer (TrainConfig.optimizer)? Start with a fresh optimizer state.")
+  return out
+
+
 def _drop_upcycle(experts: dict, fraction: float, rng: jax.Array) -> dict:
   """Re-initialises `fraction` of each expert's hidden units: columns of wi* [E, D, F], rows of wo [E, F, D],
   from normals with each dense matrix's mean and standard deviation."""
@@ -114,13 +162,19 @@ def _drop_upcycle(experts: dict, fraction: float, rng: jax.Array) -> dict:
 def upcycle(init_from: str | Path, model_config: ModelConfig | DecoderOnlyConfig, train_config: TrainConfig,
             data_config: DataConfig = DataConfig(), mesh_config: MeshConfig = MeshConfig(),
             model_dir: str | Path = "runs/upcycled", router_stddev: float = 0.02, reinit_fraction: float = 0.0,
-            operative_config: str = "", show_progress: bool = True, continue_data: bool = False) -> dict:
+            operative_config: str = "", show_progress: bool = True, continue_data: bool = False,
+            carry_optimizer_state: bool = False) -> dict:
   """Upcycles the dense model in `init_from` (a run directory, its best/, or a switchx.save directory) into
   `model_config` and trains it with `train_config` from a fresh optimizer state. continue_data: the data starts
   where the dense run's checkpoint left it (the same corpus and settings; a run directory only), so the upcycled
-  model sees new text as the dense model would have; otherwise from the beginning. Re-running resumes."""
-  loaded = restore.load_model(init_from)
+  model sees new text as the dense model would have; otherwise from the beginning. carry_optimizer_state: start
+  from the dense run's optimizer state (upcycle_optimizer_state; the same optimizer), not a fresh one.
+  Re-running resumes."""
+  loaded = restore.load_model(init_from, with_optimizer_state=carry_optimizer_state)
   check_upcyclable(loaded.config, model_config, f"the model in {init_from}")
+  if carry_optimizer_state and loaded.opt_state is None:
+    raise ValueError(f"carry_optimizer_state: {init_from} holds no optimizer state (a switchx.save or transformers "
+                     "directory); give the dense run's directory, or start with a fresh optimizer state.")
   if continue_data and loaded.data_state is None:
     raise ValueError(f"continue_data: {init_from} holds no data position (a switchx.save or transformers "
                      "directory); give the dense run's directory, or start the data from the beginning.")
@@ -128,4 +182,7 @@ def upcycle(init_from: str | Path, model_config: ModelConfig | DecoderOnlyConfig
                           jax.random.PRNGKey(train_config.seed), router_stddev, reinit_fraction)
   return train(model_config, train_config, data_config, mesh_config, model_dir=model_dir,
                operative_config=operative_config, show_progress=show_progress, name="upcycle",
-               init_params=params, init_data_state=loaded.data_state if continue_data else None)
+               init_params=params, init_data_state=loaded.data_state if continue_data else None,
+               init_opt_state=(lambda fresh: upcycle_optimizer_state(jax.device_get(loaded.opt_state), fresh,
+                                                                     model_config.moe.num_experts))
+               if carry_optimizer_state else None)
