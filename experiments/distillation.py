@@ -7,18 +7,25 @@ teacher's quality gain over the dense baseline): what share of the gain does a d
 
 Per seed: the teacher (Switch-E, every FFN sparse) and the dense baseline (its FLOP-matched dense twin) train
 from scratch (in the lm setting: the dense run is lm_regime's; the teacher, lm_regime's Switch-E, is trained
-again to keep its weights); the student (the dense twin again) trains as long on targets mixing --soft_weight
-(the paper's 0.25) of the teacher's probabilities, starting from the teacher's non-expert weights. Kept gain = (dense -
-student) / (dense - teacher), on held-out loss; only read where the teacher beats the dense model by more than
-the seed spread (otherwise there is no gain to keep).
+again to keep its weights); the student (the dense twin again) trains as long on targets mixing
+--soft_weight (the paper's 0.25) of the teacher's probabilities, starting from the teacher's non-expert
+weights. Kept gain = (dense - student) / (dense - teacher), on held-out loss; only read where the teacher beats
+the dense model by more than the seed spread (otherwise there is no gain to keep). The control (the same start, hard targets only, as long)
+separates what the teacher's probabilities add from what its weights and the extra training add: in a short run
+a student that starts from a trained teacher's embeddings and attention has simply trained twice as long.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+
 from experiments import common, lm_regime
-from switchx.train.distill import distill
+from switchx.train import restore
+from switchx.train.distill import distill, student_params_from_teacher
+from switchx.train.loop import train
 
 
 def parser():
@@ -35,7 +42,7 @@ def main(argv=None) -> dict:
   base, dense, switch, prefix = lm_regime.family(args, args.experts)
   # Its own cache entry: lm_regime's Switch runs kept no weights, and other scripts read them while this one runs.
   teacher_key = {"weights_kept": True} if args.setting == "lm" else None
-  models = {"teacher": [], "dense": [], "student": []}
+  models = {"teacher": [], "dense": [], "student": [], "control": []}
   for seed in range(base["seeds"]):
     teacher = common.run(f"{prefix}teacher{args.experts}", switch, seed, base, args.work_dir, keep_model=True,
                          key_extra=teacher_key)
@@ -45,35 +52,56 @@ def main(argv=None) -> dict:
     def trainer(model, train_config, data_config, model_dir, source=teacher["model_dir"]):
       return distill(source, model, train_config, data_config, model_dir=model_dir, show_progress=False)
 
-    models["student"].append(common.run(f"{prefix}student", [*dense, f"TrainConfig.distill_soft_weight={args.soft_weight}"],
-                                        seed, base, args.work_dir, trainer=trainer,
-                                        key_extra={"teacher": switch}))
-  stats = {k: common.mean_spread([r["final_eval_loss"] for r in runs]) for k, runs in models.items()}
-  kept = [(d["final_eval_loss"] - s["final_eval_loss"]) / (d["final_eval_loss"] - t["final_eval_loss"])
-          if d["final_eval_loss"] != t["final_eval_loss"] else None
-          for t, d, s in zip(models["teacher"], models["dense"], models["student"])]
+    def init_only(model, train_config, data_config, model_dir, source=teacher["model_dir"]):
+      teacher_params = restore.load_model(source).params
+      example = {"encoder_input_tokens": jnp.ones((1, 8), jnp.int32), "decoder_input_tokens": jnp.ones((1, 8), jnp.int32)}
+      params = student_params_from_teacher(model, teacher_params, jax.random.PRNGKey(train_config.seed), example)
+      return train(model, train_config, data_config, model_dir=model_dir, show_progress=False, name="init only",
+                   init_params=params)
+
+    soft = f"TrainConfig.distill_soft_weight={args.soft_weight}"
+    models["student"].append(common.run(f"{prefix}student", [*dense, soft], seed, base, args.work_dir,
+                                        trainer=trainer, key_extra={"teacher": switch}))
+    models["control"].append(common.run(f"{prefix}student-init-only", dense, seed, base, args.work_dir,
+                                        trainer=init_only, key_extra={"init_from_teacher": switch}))
+  losses = {k: [r["final_eval_loss"] for r in runs] for k, runs in models.items()}
+  stats = {k: common.mean_spread(v) for k, v in losses.items()}
+  share = lambda better, worse: [(w - b) / (d - t) if d != t else None for b, w, d, t in
+                                 zip(losses[better], losses[worse], losses["dense"], losses["teacher"])]
+  kept = share("student", "dense")               # the paper's measure: the student against the dense baseline
+  kept_over_control = share("student", "control")  # what the teacher's probabilities add, the init held equal
   gain = stats["dense"][0] - stats["teacher"][0]
   noise = max(stats["dense"][1], stats["teacher"][1])
   readable = gain > noise if base["seeds"] > 1 else None
-  kept_mean = common.mean_spread([k for k in kept if k is not None]) if None not in kept else None
+  cell = lambda values: ("-" if None in values else
+                         "{:.0f}% ± {:.0f}%".format(*(100 * x for x in common.mean_spread(values))))
   where = "the causal LM of experiments/lm_regime.py" if args.setting == "lm" else "the encoder-decoder setting"
-  lines = [f"In {where}: held-out loss after {base['steps']} steps, mean ± half-range over {base['seeds']} seed(s); teacher: switch-{args.experts}, student "
-           f"and dense: its dense twin (equal FLOPs per token); soft weight {args.soft_weight}.", "",
-           "| teacher | dense | student | teacher's gain | kept by the student | paper |", "|---|---|---|---|---|---|"]
-  kept_cell = "-" if kept_mean is None else f"{100 * kept_mean[0]:.0f}% ± {100 * kept_mean[1]:.0f}%"
+  lines = [f"In {where}: held-out loss after {base['steps']} steps, mean ± half-range over {base['seeds']} seed(s); "
+           f"teacher: switch-{args.experts}; dense: its dense twin (equal FLOPs per token) from scratch; student: the "
+           f"dense twin started from the teacher's non-expert weights and trained as long on targets mixing "
+           f"{args.soft_weight} of the teacher's probabilities (the paper's recipe); control: the same start, hard "
+           "targets only. Kept = the share of the teacher's gain over dense that the student keeps, against the "
+           "dense model (the paper's measure) and against the control (what the teacher's probabilities add).", "",
+           "| model | held-out loss | vs dense |", "|---|---|---|"]
+  for key, label in (("teacher", f"teacher: switch-{args.experts}"), ("dense", "dense"),
+                     ("student", "student (teacher's init + soft targets)"),
+                     ("control", "control (teacher's init, hard targets)")):
+    lines.append(f"| {label} | {common.fmt(*stats[key])} | {stats['dense'][0] - stats[key][0]:+.3f} |")
+  kept_cells = [cell(kept), cell(kept_over_control)]
   if gain <= 0:
-    kept_cell = f"({kept_cell}: not read, the teacher is no better than the dense model)"
+    kept_cells = [f"({c}: not read, the teacher is no better than the dense model)" for c in kept_cells]
   elif readable is False:
-    kept_cell = f"({kept_cell}: not read, the teacher's gain is within the seed spread {noise:.3f})"
-  lines.append(f"| {common.fmt(*stats['teacher'])} | {common.fmt(*stats['dense'])} | {common.fmt(*stats['student'])} "
-               f"| {gain:+.3f} | {kept_cell} | ~30% |")
+    kept_cells = [f"({c}: not read, the teacher's gain is within the seed spread {noise:.3f})" for c in kept_cells]
+  lines += ["", "| teacher's gain | kept vs dense | kept vs control | paper (vs dense) |", "|---|---|---|---|",
+            f"| {gain:+.3f} | {kept_cells[0]} | {kept_cells[1]} | ~30% |"]
   name = common.result_name("distillation", args)
   curves = {k: [r["eval_curve"] for r in runs] for k, runs in models.items()}
-  common.plot(Path(args.out) / f"{name}.png", curves, "Distillation: teacher, dense baseline, distilled student")
+  common.plot(Path(args.out) / f"{name}.png", curves, "Distillation: teacher, dense, distilled student, control")
   common.write(name, args.out, {"setting": base, "rows": [{"model": k, "runs": v} for k, v in models.items()],
-                                "kept_gain": kept, "teacher_gain": gain, "gain_readable": readable},
+                                "kept_gain": kept, "kept_gain_over_control": kept_over_control,
+                                "teacher_gain": gain, "gain_readable": readable},
                "\n".join(lines), common.command_line())
-  return {"kept": kept, "gain": gain}
+  return {"kept": kept, "kept_over_control": kept_over_control, "gain": gain}
 
 
 if __name__ == "__main__":
