@@ -69,11 +69,12 @@ def parser():
 
 
 def layer_mean_curve(metrics_file: Path, key: str) -> list[tuple[int, float]]:
-  """(step, the mean over sparse layers of router/<layer>/<key>) at every logged training step."""
+  """(step, the mean over sparse layers of router/<layer>/<key>) at every logged training step; a per-rank list
+  (dropped_fraction_by_rank) counts as its mean: the share of all (token, choice) pairs."""
   curve = []
   for row in read_metrics(metrics_file.parent):
-    values = [v for k, v in row.items() if k.startswith("router/") and k.endswith("/" + key)
-              and not k.startswith("eval/")]
+    values = [statistics.fmean(v) if isinstance(v, list) else v for k, v in row.items()
+              if k.startswith("router/") and k.endswith("/" + key) and not k.startswith("eval/")]
     if "loss" in row and values:
       curve.append((row["step"], statistics.fmean(values)))
   return curve
@@ -127,7 +128,8 @@ def main(argv=None) -> dict:
     mean, spread = common.mean_spread([r["final_eval_loss"] for r in runs])
     metric_files = [Path(r["model_dir"]) / "metrics.jsonl" for r in runs]
     per_run = {key: [layer_mean_curve(f, key) for f in metric_files]
-               for key in ("load_cv", "dropped_fraction", "max_mean_load", "router_entropy", "idle_experts")}
+               for key in ("load_cv", "dropped_fraction", "dropped_fraction_by_rank", "max_mean_load",
+                           "router_entropy", "idle_experts")}
     last = lambda key: (statistics.fmean(c[-1][1] for c in per_run[key] if c) if any(per_run[key])
                         else float("nan"))
     row = {"variant": label, "overrides": overrides, "eval_loss_mean": mean, "eval_loss_spread": spread,
@@ -139,6 +141,8 @@ def main(argv=None) -> dict:
            "final_idle_experts": last("idle_experts"),
            "mean_dropped_fraction": statistics.fmean(statistics.fmean(v for _, v in c) for c in
                                                      per_run["dropped_fraction"] if c),
+           "mean_dropped_choices": statistics.fmean(statistics.fmean(v for _, v in c) for c in
+                                                    per_run["dropped_fraction_by_rank"] if c),
            "final_bias": [last_router_value(f, "router_bias") for f in metric_files],
            "params": runs[0]["total_params"], "flops_per_token": runs[0]["flops_per_token"],
            "step_time_s": statistics.fmean(r["step_time_s"] or 0 for r in runs),
@@ -151,14 +155,16 @@ def main(argv=None) -> dict:
            else f"the encoder-decoder regime candidate {args.candidate}")
   lines = [f"Switch-{EXPERTS} in {where}, {base['steps']} steps, the same batches per seed; mean ± half-range over "
            f"{base['seeds']} seed(s). Router columns: mean over sparse layers at the last logged training step "
-           "(dropped over training: mean of every logged step), mean over seeds. Entropy in nats (uniform over 8: "
+           "(over training: mean of every logged step), mean over seeds. Tokens dropped: no chosen expert took "
+           "them; choices dropped: (token, choice) pairs over capacity (top-G: a token may lose its 2nd choice and "
+           "keep its 1st). Entropy in nats (uniform over 8: "
            f"{math.log(EXPERTS):.2f}; over the G x 8 experts of granularity G: larger).", ""]
   if dense:
     lines[0] += (f" Dense (the same model, every FFN dense): {common.fmt(dense_mean, dense_spread)}; gain = dense "
                  "minus the row.")
   lines += ["| variant | params | FLOPs / token | held-out loss | gain vs dense | > 2x spread | load CV | max / mean "
-            "load | dropped (last) | dropped (over training) | router entropy | step time |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "load | tokens dropped (last) | tokens dropped (over training) | choices dropped (over training) | "
+            "router entropy | step time |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     gain = "-" if row["gain_vs_dense"] is None else f"{row['gain_vs_dense']:+.3f}"
     clear = "-" if row["clear_of_dense"] is None else ("yes" if row["clear_of_dense"] else "no")
@@ -167,6 +173,7 @@ def main(argv=None) -> dict:
                  f"{common.fmt(row['eval_loss_mean'], row['eval_loss_spread'])} | {gain} | {clear} | "
                  f"{row['final_load_cv']:.3f} | {row['final_max_mean_load']:.2f} | "
                  f"{100 * row['final_dropped_fraction']:.1f}% | {100 * row['mean_dropped_fraction']:.1f}% | "
+                 f"{100 * row['mean_dropped_choices']:.1f}% | "
                  f"{row['final_router_entropy']:.2f} | {row['step_time_s'] * 1e3:.0f} ms |")
   name = common.result_name("balancing", args)
   title = "Causal LM" if args.setting == "lm" else "Encoder-decoder"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("expert_count", "capacity_factor", "sparse_vs_dense", "init_scale", "adam_moments", "regime", "regime_every2",
-         "regime_gate8", "regime_long_gate8", "lm_regime", "upcycling", "distillation", "quantization", "merging",
-         "extraction",
+         "regime_gate8", "regime_long_gate8", "lm_regime", "balancing", "upcycling", "distillation", "quantization",
+         "merging", "extraction",
          "expert_count_2800", "expert_count_2800_every2", "sparse_vs_dense_2800")  # longer variants (--tag)
 
 
