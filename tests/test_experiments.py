@@ -60,8 +60,8 @@ def test_script_quick_mode(script, name, extra, work):
       steps = [s for s, _ in row["runs"][0]["eval_curve"]]
       assert steps[0] <= payload["dense_steps"] < steps[-1] == payload["setting"]["steps"]
   if name == "distillation":  # the kept share is not read where the teacher has no gain to keep
-    assert len(payload["kept_gain"]) == 1 and len(payload["kept_gain_over_control"]) == 1
-    assert [row["model"] for row in payload["rows"]] == ["teacher", "dense", "student", "control"]
+    assert len(payload["kept_gain"]) == len(payload["kept_gain_over_control"]) == len(payload["kept_gain_fresh"]) == 1
+    assert [row["model"] for row in payload["rows"]] == ["teacher", "dense", "student", "control", "fresh"]
     assert ("not read" in (out / f"{name}.md").read_text()) == (payload["teacher_gain"] <= 0)
   if name == "balancing":  # the load CV over training, per variant; granularity keeps the FLOPs per token
     rows = {row["variant"]: row for row in payload["rows"]}
