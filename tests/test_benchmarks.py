@@ -56,3 +56,16 @@ def test_gpu_benchmark_quick(tmp_path):
   assert rows[-1]["name"] == "decode" and rows[-1]["tokens_per_s"] > 0
   assert "Switch-Base-8 / dense step time" in (tmp_path / "gpu.md").read_text()
   assert gpu.peak_flops(0.0) is None          # a CPU: no known peak, so no MFU
+
+
+@pytest.mark.parametrize("argv", [["--phase", "forward + backward"], ["--framework", "transformers", "--autocast"]])
+def test_trace_quick(argv):
+  """benchmarks.trace splits a phase's time by op; the dots are among the ops it finds."""
+  if "transformers" in argv:
+    pytest.importorskip("torch", reason="the transformers trace needs the interop extra")
+  from benchmarks import trace
+  result = trace.main(["--quick", "--steps", "2", *argv])
+  assert result["wall_ms"] > 0 and result["op_ms"] > 0
+  assert abs(sum(ms for ms, _ in result["ops"].values()) - result["op_ms"]) < 1e-6 * result["op_ms"] + 1e-9
+  names = " ".join(result["ops"])
+  assert ("aten::mm" in names or "aten::addmm" in names) if "transformers" in argv else ("ynn" in names or "dot" in names)
