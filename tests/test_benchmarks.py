@@ -1,6 +1,7 @@
 """The benchmarks run end to end in --quick mode (tiny shapes) and write their table and JSON."""
 
 import json
+import re
 
 import pytest
 
@@ -66,6 +67,7 @@ def test_trace_quick(argv):
   from benchmarks import trace
   result = trace.main(["--quick", "--steps", "2", *argv])
   assert result["wall_ms"] > 0 and result["op_ms"] > 0
-  assert abs(sum(ms for ms, _ in result["ops"].values()) - result["op_ms"]) < 1e-6 * result["op_ms"] + 1e-9
   names = " ".join(result["ops"])
+  if "transformers" not in argv:   # grouped by op kind: no instruction's .N suffix left
+    assert not any(re.search(r"\.\d+$", kind) for kind in result["ops"]), list(result["ops"])
   assert ("aten::mm" in names or "aten::addmm" in names) if "transformers" in argv else ("ynn" in names or "dot" in names)
